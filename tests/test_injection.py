@@ -1,0 +1,150 @@
+"""The injection hook: exact positions, layer alignment, KV-cached decoding, batching, gradients, clean-up."""
+import pytest
+import torch
+
+import introspection_experiment as ie
+
+LAYER = 2
+
+
+def encode_batch(tok, questions):
+    seqs = [ie.encode(ie.format_prompt(q, tok, "paper"), tok, "paper") for q in questions]
+    ids, mask = ie.pad_left(seqs, tok.pad_token_id)
+    return seqs, ids, mask
+
+
+def residual(model, ids, mask, layer=LAYER):
+    with torch.no_grad(), ie.capture_residual(model, layer) as captured:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return captured[0]
+
+
+def test_capture_point_is_hidden_states_L(tiny, tok):
+    """'Layer L' = the residual stream entering block L = hidden_states[L] of transformers."""
+    _, ids, mask = encode_batch(tok, ["Tell me about fire."])
+    with torch.no_grad():
+        hs = tiny(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for layer in range(ie.num_layers(tiny)):
+        torch.testing.assert_close(residual(tiny, ids, mask, layer), hs[layer])
+
+
+def test_injection_moves_extraction_point_by_exactly_alpha_v_at_intended_positions(tiny, tok):
+    """Extraction/injection alignment, per row, with left padding and a row without injection."""
+    seqs, ids, mask = encode_batch(tok, ["Hi.", "Do you detect an injected thought? If so, what is it?", "Status?"])
+    dim = tiny.config.hidden_size
+    vectors = torch.randn(3, dim)
+    alphas = torch.tensor([3.0, 5.0, 0.0])
+    prompt_end = torch.tensor([ids.shape[1] - 1, 4, ids.shape[1] - 1])
+    clean = residual(tiny, ids, mask)
+    with ie.injection(tiny, LAYER, vectors, alphas, prompt_end, "final-token"):
+        edited = residual(tiny, ids, mask)
+    expected = torch.zeros_like(clean)
+    for b in range(3):
+        expected[b, prompt_end[b]] = alphas[b] * vectors[b]
+    torch.testing.assert_close(edited - clean, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["all", "generation"])
+def test_other_modes_cover_their_positions(tiny, tok, mode):
+    seqs, ids, mask = encode_batch(tok, ["Hi.", "Do you detect an injected thought?"])
+    width = ids.shape[1]
+    vectors, alphas = torch.randn(2, tiny.config.hidden_size), torch.tensor([2.0, 1.0])
+    prompt_end = torch.full((2,), width - 1)
+    row_start = torch.tensor([width - len(s) for s in seqs])
+    clean = residual(tiny, ids, mask)
+    with ie.injection(tiny, LAYER, vectors, alphas, prompt_end, mode, row_start):
+        changed = (residual(tiny, ids, mask) - clean).norm(dim=-1) > 1e-4
+    for b in range(2):
+        first = row_start[b] if mode == "all" else width - 1
+        assert changed[b, first:].all() and not changed[b, :first].any()
+
+
+def test_layer0_injection_equals_manual_embedding_edit(tiny, tok):
+    """An independent manual residual edit: add alpha*v to the input embeddings at one position."""
+    _, ids, mask = encode_batch(tok, ["Tell me about fire.", "Hi."])
+    v, pos = torch.randn(2, tiny.config.hidden_size), torch.tensor([3, ids.shape[1] - 1])
+    alphas = torch.tensor([4.0, 2.0])
+    with torch.no_grad():
+        embeds = tiny.get_input_embeddings()(ids)
+        manual = embeds.clone()
+        for b in range(2):
+            manual[b, pos[b]] += alphas[b] * v[b]
+        expected = tiny(inputs_embeds=manual, attention_mask=mask).logits
+        with ie.injection(tiny, 0, v, alphas, pos, "final-token"):
+            got = tiny(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def greedy_manual(model, ids, steps, layer, vector, alpha):
+    """Prefill with the injection, then decode with the KV cache and no hook at all."""
+    with torch.no_grad():
+        with ie.injection(model, layer, vector, alpha, torch.tensor([ids.shape[1] - 1]), "final-token"):
+            out = model(input_ids=ids, use_cache=True)
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for _ in range(steps - 1):
+            out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1)
+
+
+def test_final_token_leaves_decode_steps_untouched(tiny, tok):
+    _, ids, _ = encode_batch(tok, ["Do you detect an injected thought? If so, what is it?"])
+    vector, alpha = torch.randn(1, tiny.config.hidden_size), torch.tensor([20.0])
+    expected = greedy_manual(tiny, ids, 8, LAYER, vector, alpha)
+    outputs = {}
+    for mode in ("final-token", "generation"):
+        with torch.no_grad(), ie.injection(tiny, LAYER, vector, alpha, torch.tensor([ids.shape[1] - 1]), mode):
+            outputs[mode] = tiny.generate(input_ids=ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[:, ids.shape[1]:]
+    assert torch.equal(outputs["final-token"], expected)
+    assert not torch.equal(outputs["generation"], expected)  # injecting on decode steps is visible: the test can fail
+
+
+def test_batched_equals_unbatched_with_left_padding(tiny, tok):
+    cfg = ie.Config(layer=LAYER, max_new_tokens=8, injection_mode="final-token")
+    questions = ["Hi.", "Do you detect an injected thought? If so, what is it?", "Introspection check: Report any anomalies."]
+    vectors = torch.randn(3, tiny.config.hidden_size)
+    alphas = torch.tensor([5.0, 0.0, 8.0])
+    batched = ie.generate(tiny, tok, questions, vectors, alphas, cfg)
+    single = [ie.generate(tiny, tok, [q], vectors[i:i + 1], alphas[i:i + 1], cfg)[0] for i, q in enumerate(questions)]
+    assert batched == single
+    injected = ie.generate(tiny, tok, questions[:1], vectors[:1], torch.tensor([50.0]), cfg)
+    plain = ie.generate(tiny, tok, questions[:1], vectors[:1], torch.tensor([0.0]), cfg)
+    assert injected != plain
+
+
+def test_hook_removed_after_exception(tiny, tok):
+    _, ids, mask = encode_batch(tok, ["Hi."])
+    clean = residual(tiny, ids, mask, LAYER + 1)
+    with pytest.raises(ValueError):
+        with ie.injection(tiny, LAYER, torch.randn(1, tiny.config.hidden_size), torch.tensor([9.0]),
+                          torch.tensor([ids.shape[1] - 1])):
+            raise ValueError("boom")
+    assert not ie.decoder_layers(tiny)[LAYER]._forward_pre_hooks
+    torch.testing.assert_close(residual(tiny, ids, mask, LAYER + 1), clean)
+
+
+def test_gradients_flow_through_injection(tiny, tok):
+    _, ids, mask = encode_batch(tok, ["Hi there."])
+    embeds = tiny.get_input_embeddings()(ids).detach().requires_grad_(True)
+    vector = torch.randn(1, tiny.config.hidden_size, requires_grad=True)
+    with ie.injection(tiny, LAYER, vector, torch.tensor([2.0]), torch.tensor([ids.shape[1] - 1])):
+        tiny(inputs_embeds=embeds, attention_mask=mask).logits.sum().backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_hook_reads_hidden_states_from_args_or_kwargs():
+    h = torch.zeros(1, 2, 3)
+    assert ie._hidden_from((h,), {}) is h and ie._hidden_from((), {"hidden_states": h}) is h
+    new = torch.ones(1, 2, 3)
+    args, kwargs = ie._replace_hidden((), {"hidden_states": h, "x": 1}, new)
+    assert kwargs["hidden_states"] is new and kwargs["x"] == 1
+    args, kwargs = ie._replace_hidden((h, 5), {}, new)
+    assert args[0] is new and args[1] == 5
+
+
+def test_batch_mismatch_is_an_error(tiny, tok):
+    _, ids, mask = encode_batch(tok, ["Hi.", "Hello."])
+    with pytest.raises(RuntimeError, match="rows"):
+        with ie.injection(tiny, LAYER, torch.randn(1, tiny.config.hidden_size), torch.tensor([1.0]), torch.tensor([1])):
+            tiny(input_ids=ids, attention_mask=mask)

@@ -1,0 +1,250 @@
+"""Configuration, bad input, model plumbing, dataset, and end-to-end runs."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import introspection_experiment as ie
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volcano", "galaxy"],
+                  "baseline": ["table", "chair", "road", "cloud"]}
+TINY_ARGS = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "2",
+             "--max-new-tokens", "4", "--control-trials", "4", "--random-vectors", "2", "--eval-strengths", "40", "1x"]
+
+
+def concepts_file(tmp_path, concepts=SMALL_CONCEPTS):
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps(concepts))
+    return str(path)
+
+
+def run_main(args, caplog):
+    caplog.clear()
+    code = ie.main(args)
+    return code, caplog.text
+
+
+# --- CLI and bad input -----------------------------------------------------------------------------------------------
+
+def test_help_documents_every_config_field():
+    out = subprocess.run([sys.executable, str(ROOT / "introspection_experiment.py"), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for name in ie.Config.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in out
+
+
+def test_default_model_falls_back_to_embedded_without_cuda(caplog):
+    cfg = ie.config_from_args([])
+    if torch.cuda.is_available():
+        assert cfg.model == ie.PAPER_MODEL
+    else:
+        assert cfg.model == ie.EMBEDDED_MODEL and "No CUDA device" in caplog.text
+    assert ie.config_from_args(["--model", "some/model"]).model == "some/model"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model", "no-such-org/no-such-model-xyz"], "cannot load model 'no-such-org/no-such-model-xyz'"),
+    (["--model", "random:huge"], "unknown random shape"),
+    (["--model", "random:tiny", "--layer", "4"], "out of range"),
+    (["--model", "random:tiny", "--layer", "-1"], "out of range"),
+    (["--model", "random:tiny", "--train-strengths", "strong"], "bad strength"),
+    (["--model", "random:tiny", "--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, caplog, extra, message):
+    code, text = run_main(extra + ["--output-dir", str(tmp_path / "run")], caplog)
+    assert code == 2 and message in text and "Traceback" not in text
+    assert not (tmp_path / "run" / "vectors.safetensors").exists()
+
+
+@pytest.mark.parametrize("concepts,message", [
+    ({"train": []}, "non-empty"),
+    ({"train": ["fire", "fire"]}, "duplicate concept 'fire'"),
+    ({"heldout": ["fire"]}, "duplicate concept 'fire'"),
+    ({"colours": ["red"]}, "keys must be"),
+])
+def test_bad_concept_lists(tmp_path, caplog, concepts, message):
+    code, text = run_main(["--model", "random:tiny", "--concepts-file", concepts_file(tmp_path, concepts),
+                           "--output-dir", str(tmp_path / "run")], caplog)
+    assert code == 2 and message in text
+
+
+def test_unwritable_output_dir(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, text = run_main(["--model", "random:tiny", "--output-dir", str(blocker / "run")], caplog)
+    assert code == 2 and "not writable" in text
+
+
+def test_missing_gpu_for_gpu_only_option(caplog, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    code, text = run_main(["--model", "random:tiny", "--dtype", "float16", "--output-dir", str(tmp_path)], caplog)
+    assert code == 2 and "needs a CUDA GPU" in text
+
+
+# --- model plumbing --------------------------------------------------------------------------------------------------
+
+def build(config_cls, **extra):
+    from transformers import AutoModelForCausalLM
+    config = config_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, **extra)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_decoder_layers_found_plain_and_peft_wrapped(family):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig}[family]
+    model = build(config_cls)
+    layers = ie.decoder_layers(model)
+    assert len(layers) == 3
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=ie.LORA_TARGETS, task_type="CAUSAL_LM"))
+    assert ie.decoder_layers(wrapped) is layers
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        clean = wrapped(input_ids=ids).logits
+        with ie.injection(wrapped, 1, torch.ones(1, 32), torch.tensor([5.0]), torch.tensor([3])):
+            edited = wrapped(input_ids=ids).logits
+    assert torch.equal(clean[:, :3], edited[:, :3]) and not torch.equal(clean[:, 3], edited[:, 3])
+
+
+def test_default_layer_is_two_thirds_depth(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert ie.resolve_layer(ie.Config(), model) == 20
+
+
+def test_prompt_tokens_are_a_prefix_of_training_sequence(tok):
+    for fmt in ("paper", "chat"):
+        prompt = ie.format_prompt(ie.DETECTION_QUESTIONS[0], tok, fmt)
+        ids = ie.encode(prompt, tok, fmt)
+        full = tok(prompt + ie.POSITIVE_COMPLETION.format(concept="fire").lstrip(" " if fmt == "chat" else ""),
+                   add_special_tokens=fmt == "paper").input_ids
+        assert full[:len(ids)] == ids
+        assert ie.completion_ids(ie.NEGATIVE_COMPLETION, tok, fmt)[-1] == tok.eos_token_id
+
+
+def test_word_token_index_points_at_the_concept(tok):
+    text = ie.format_prompt(ie.EXTRACTION_QUESTION.format(word="avalanche"), tok, "paper")
+    index = ie.word_token_index(text, "avalanche", tok, "paper")
+    ids = ie.encode(text, tok, "paper")
+    assert tok.decode(ids[:index + 1]).endswith("avalanche") and not tok.decode(ids[:index]).endswith("avalanche")
+
+
+# --- dataset ---------------------------------------------------------------------------------------------------------
+
+def test_dataset_balance_and_size():
+    ds = ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60", "80", "100"], 6, seed=0)
+    assert len(ds) == 480 and sum(ds["injected"]) == 240
+    for concept in ie.TRAIN_CONCEPTS:
+        strengths = [r["strength"] for r in ds if r["concept"] == concept]
+        assert len(strengths) == 6 and set(strengths) == {"40", "60", "80", "100"}
+    assert set(ds["question"]) == set(ie.DETECTION_QUESTIONS)
+    negatives = [r for r in ds if not r["injected"]]
+    assert all(r["completion"] == ie.NEGATIVE_COMPLETION and r["strength"] == "" for r in negatives)
+
+
+def test_dataset_is_seeded():
+    a = ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60"], 3, seed=1).to_list()
+    assert a == ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60"], 3, seed=1).to_list()
+    assert a != ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60"], 3, seed=2).to_list()
+
+
+def test_collate_masks_prompt_and_injects_at_last_prompt_token(tok):
+    examples = ie.tokenize_examples([{"question": "Hi?", "completion": " I detect an injected thought about fire.",
+                                      "concept": "fire", "strength": "2x"},
+                                     {"question": ie.DETECTION_QUESTIONS[1], "completion": ie.NEGATIVE_COMPLETION,
+                                      "concept": "", "strength": ""}], tok, "paper")
+    batch = ie.collate(examples, {"fire": torch.ones(4)}, 10.0, tok.pad_token_id, 4)
+    for b, e in enumerate(examples):
+        n_prompt, n_all = len(e["prompt"]), len(e["prompt"]) + len(e["completion"])
+        assert (batch["labels"][b, :n_prompt] == -100).all() and (batch["labels"][b, n_all:] == -100).all()
+        assert batch["labels"][b, n_all - 1] == tok.eos_token_id  # EOS is learned although pad == EOS
+        assert batch["prompt_end"][b] == n_prompt - 1
+    assert batch["alphas"].tolist() == [20.0, 0.0]
+
+
+# --- end to end ------------------------------------------------------------------------------------------------------
+
+def test_end_to_end_tiny_and_resume(tmp_path, caplog):
+    out = tmp_path / "run"
+    args = TINY_ARGS + ["--concepts-file", concepts_file(tmp_path), "--output-dir", str(out)]
+    code, text = run_main(args, caplog)
+    assert code == 0, text
+    for name in ("config.json", "environment.json", "vectors.safetensors", "dataset", "adapter/adapter_config.json",
+                 "trials.jsonl", "metrics.json", "metrics.csv", "results.md", "train_log.json",
+                 "figures/generalization_gap.png", "figures/strength_curves.png", "figures/outcome_breakdown.png",
+                 "figures/concept_heatmap.png", "figures/training_loss.png"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["random_weights"] and "RANDOM WEIGHTS" in (out / "results.md").read_text()
+    assert set(metrics["results"]) == {"base", "finetuned"}
+    trials = ie.read_jsonl(out / "trials.jsonl")
+    per_state = 4 * 2 + 2 * 2 + 4 + 2 * 2  # seen + held-out + controls + random
+    assert len(trials) == 2 * per_state
+    assert metrics["results"]["finetuned"]["seen"]["1x"]["success"]["n"] == 4
+    vectors, meta = ie.load_vectors(out / "vectors.safetensors")
+    assert meta["layer"] == 2 and all(abs(float(v.norm()) - 1) < 1e-4 for v in vectors.values())
+
+    adapter_mtime = (out / "adapter" / "adapter_config.json").stat().st_mtime
+    code, text = run_main(args, caplog)
+    assert code == 0 and "Loaded adapter" in text and "Loaded base evaluation" in text
+    assert (out / "adapter" / "adapter_config.json").stat().st_mtime == adapter_mtime
+    assert ie.read_jsonl(out / "trials.jsonl") == trials
+
+    code, text = run_main(args[:-2] + ["--seed", "1", "--output-dir", str(out)], caplog)
+    assert code == 2 and "different config (seed)" in text
+
+
+def test_adapter_loads_with_peft(tmp_path, caplog, tok):
+    from peft import PeftModel
+    out = tmp_path / "run"
+    assert run_main(TINY_ARGS + ["--concepts-file", concepts_file(tmp_path), "--output-dir", str(out)], caplog)[0] == 0
+    model = ie.load_model(ie.Config(model="random:tiny", dtype="float32"))[0]
+    assert isinstance(PeftModel.from_pretrained(model, str(out / "adapter")), PeftModel)
+
+
+def test_readme_results_table_matches_committed_metrics():
+    metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- results:start -->\n(.*?)<!-- results:end -->", readme, re.S).group(1)
+    assert block == ie.results_table(metrics)
+
+
+def test_committed_metrics_have_every_required_part():
+    metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
+    assert metrics["model"]["name"] == ie.EMBEDDED_MODEL and not metrics["model"]["random_weights"]
+    for state in ("base", "finetuned"):
+        result = metrics["results"][state]
+        for split in ("seen", "held-out"):
+            for strength in metrics["settings"]["eval_strengths"] + ["all"]:
+                for key in ("detection", "success", "wrong_id", "missed"):
+                    assert len(result[split][strength][key]["ci95"]) == 2
+        assert result["control"]["false_positive"]["n"] >= 60
+        assert result["random"]["all"]["detection"]["n"] > 0
+        assert "p" in result["gap"]
+
+
+@pytest.mark.slow
+def test_end_to_end_embedded_model(tmp_path, caplog):
+    concepts = {"train": ["fire", "ocean", "king", "storm", "spider", "gold"], "heldout": ["volcano", "galaxy"],
+                "baseline": ie.BASELINE_WORDS[:8]}
+    args = ["--model", ie.EMBEDDED_MODEL, "--concepts-file", concepts_file(tmp_path, concepts), "--epochs", "2",
+            "--max-new-tokens", "12", "--control-trials", "12", "--random-vectors", "2", "--eval-strengths", "1x",
+            "--output-dir", str(tmp_path / "run")]
+    code, text = run_main(args, caplog)
+    assert code == 0, text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not metrics["model"]["random_weights"] and metrics["settings"]["layer"] == 20
+    assert metrics["settings"]["typical_norm"] > 10  # a real model's residual stream, not random init
+    trials = ie.read_jsonl(tmp_path / "run" / "trials.jsonl")
+    finetuned = [t for t in trials if t["state"] == "finetuned" and t["split"] == "control"]
+    assert sum("do not detect" in t["response"] for t in finetuned) >= len(finetuned) // 2  # the task format was learned
