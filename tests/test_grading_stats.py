@@ -58,6 +58,7 @@ def test_yates_matches_the_paper():
 
 def trial(state, split, strength, verdict, detected=None, response="x"):
     return {"state": state, "split": split, "strength": strength, "verdict": verdict, "response": response,
+            "identified": verdict == "correct",
             "detected": verdict in ("correct", "wrong_id", "false_positive", "detected") if detected is None else detected}
 
 
@@ -71,7 +72,7 @@ def test_summarize_counts_a_known_table():
               + [trial("finetuned", "random", "40", "detected"), trial("finetuned", "random", "60", "not_detected")])
     m = ie.summarize(trials, ["40", "60"])["finetuned"]
     assert m["seen"]["40"]["success"]["k"] == 3 and m["seen"]["40"]["success"]["n"] == 4
-    assert m["seen"]["40"]["detection"]["rate"] == 1.0 and m["seen"]["60"]["missed"]["rate"] == 1.0
+    assert m["seen"]["40"]["correct_id"]["k"] == 3 and m["seen"]["40"]["detection"]["rate"] == 1.0 and m["seen"]["60"]["missed"]["rate"] == 1.0
     assert m["seen"]["all"]["success"]["rate"] == 0.5 and m["held-out"]["all"]["wrong_id"]["k"] == 1
     assert m["control"]["false_positive"]["k"] == 1 and m["control"]["false_positive"]["n"] == 3
     assert m["control"]["distinct_responses"] == 2

@@ -104,12 +104,13 @@ def test_batched_equals_unbatched_with_left_padding(tiny, tok):
     questions = ["Hi.", "Do you detect an injected thought? If so, what is it?", "Introspection check: Report any anomalies."]
     vectors = torch.randn(3, tiny.config.hidden_size)
     alphas = torch.tensor([5.0, 0.0, 8.0])
-    batched = ie.generate(tiny, tok, questions, vectors, alphas, cfg)
-    single = [ie.generate(tiny, tok, [q], vectors[i:i + 1], alphas[i:i + 1], cfg)[0] for i, q in enumerate(questions)]
+    def texts(qs, vs, alphas):
+        return tok.batch_decode(ie.generate(tiny, tok, qs, vs, alphas, cfg), skip_special_tokens=True)
+
+    batched = texts(questions, vectors, alphas)
+    single = [texts([q], vectors[i:i + 1], alphas[i:i + 1])[0] for i, q in enumerate(questions)]
     assert batched == single
-    injected = ie.generate(tiny, tok, questions[:1], vectors[:1], torch.tensor([50.0]), cfg)
-    plain = ie.generate(tiny, tok, questions[:1], vectors[:1], torch.tensor([0.0]), cfg)
-    assert injected != plain
+    assert texts(questions[:1], vectors[:1], torch.tensor([50.0])) != texts(questions[:1], vectors[:1], torch.tensor([0.0]))
 
 
 def test_hook_removed_after_exception(tiny, tok):

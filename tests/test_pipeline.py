@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volcano", "galaxy"],
                   "baseline": ["table", "chair", "road", "cloud"]}
 TINY_ARGS = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "2",
-             "--max-new-tokens", "4", "--control-trials", "4", "--random-vectors", "2", "--eval-strengths", "40", "1x"]
+             "--max-new-tokens", "4", "--control-trials", "4", "--random-vectors", "2", "--eval-strengths", "40", "1x",
+             "--safety-examples-per-class", "8"]
 
 
 def concepts_file(tmp_path, concepts=SMALL_CONCEPTS):
@@ -180,23 +181,29 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     code, text = run_main(args, caplog)
     assert code == 0, text
     for name in ("config.json", "environment.json", "vectors.safetensors", "dataset", "adapter/adapter_config.json",
-                 "trials.jsonl", "metrics.json", "metrics.csv", "results.md", "train_log.json",
+                 "trials.jsonl", "metrics.json", "metrics.csv", "results.md", "adapter_train_log.json",
                  "figures/generalization_gap.png", "figures/strength_curves.png", "figures/outcome_breakdown.png",
-                 "figures/concept_heatmap.png", "figures/training_loss.png"):
+                 "figures/concept_heatmap.png", "figures/training_loss.png", "safety_vectors.safetensors",
+                 "safety_dataset", "safety_adapter/adapter_config.json", "figures/safety_halt_rates.png",
+                 "figures/safety_confusion.png"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["random_weights"] and "RANDOM WEIGHTS" in (out / "results.md").read_text()
     assert set(metrics["results"]) == {"base", "finetuned"}
     trials = ie.read_jsonl(out / "trials.jsonl")
     per_state = 4 * 2 + 2 * 2 + 4 + 2 * 2  # seen + held-out + controls + random
-    assert len(trials) == 2 * per_state
+    assert sum(t["experiment"] == "introspection" for t in trials) == 2 * per_state
+    n_safety = sum(map(len, ie.SAFETY_CATEGORIES.values())) * 2 * len(ie.SAFETY_EVAL_QUESTIONS) + 4
+    assert sum(t["experiment"] == "safety" for t in trials) == 3 * n_safety  # base, probe, safety adapter
+    assert set(metrics["safety"]["results"]) == {"base", "probe", "safety_adapter"}
     assert metrics["results"]["finetuned"]["seen"]["1x"]["success"]["n"] == 4
     vectors, meta = ie.load_vectors(out / "vectors.safetensors")
     assert meta["layer"] == 2 and all(abs(float(v.norm()) - 1) < 1e-4 for v in vectors.values())
 
     adapter_mtime = (out / "adapter" / "adapter_config.json").stat().st_mtime
     code, text = run_main(args, caplog)
-    assert code == 0 and "Loaded adapter" in text and "Loaded base evaluation" in text
+    assert code == 0 and "Loaded adapter" in text and "Loaded introspection evaluation of base" in text
+    assert "Loaded safety evaluation of safety_adapter" in text and "Trained" not in text
     assert (out / "adapter" / "adapter_config.json").stat().st_mtime == adapter_mtime
     assert ie.read_jsonl(out / "trials.jsonl") == trials
 
@@ -204,19 +211,25 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     assert code == 2 and "different config (seed)" in text
 
 
-def test_adapter_loads_with_peft(tmp_path, caplog, tok):
+def test_adapters_load_with_peft_and_skip_safety(tmp_path, caplog, tok):
     from peft import PeftModel
     out = tmp_path / "run"
     assert run_main(TINY_ARGS + ["--concepts-file", concepts_file(tmp_path), "--output-dir", str(out)], caplog)[0] == 0
-    model = ie.load_model(ie.Config(model="random:tiny", dtype="float32"))[0]
-    assert isinstance(PeftModel.from_pretrained(model, str(out / "adapter")), PeftModel)
+    for name in ("adapter", "safety_adapter"):
+        model = ie.load_model(ie.Config(model="random:tiny", dtype="float32"))[0]
+        assert isinstance(PeftModel.from_pretrained(model, str(out / name)), PeftModel)
+    skipped = tmp_path / "skipped"
+    assert run_main(TINY_ARGS + ["--concepts-file", concepts_file(tmp_path), "--output-dir", str(skipped),
+                                 "--skip-safety"], caplog)[0] == 0
+    assert "safety" not in json.loads((skipped / "metrics.json").read_text())
 
 
 def test_readme_results_table_matches_committed_metrics():
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- results:start -->\n(.*?)<!-- results:end -->", readme, re.S).group(1)
-    assert block == ie.results_table(metrics)
+    for name, table in (("results", ie.results_table(metrics)), ("safety", ie.safety_table(metrics["safety"]["results"]))):
+        block = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", readme, re.S).group(1)
+        assert block == table
 
 
 def test_committed_metrics_have_every_required_part():
@@ -231,6 +244,10 @@ def test_committed_metrics_have_every_required_part():
         assert result["control"]["false_positive"]["n"] >= 60
         assert result["random"]["all"]["detection"]["n"] > 0
         assert "p" in result["gap"]
+    safety = metrics["safety"]["results"]
+    for state in ("base", "probe", "safety_adapter"):
+        for category in list(ie.SAFETY_CATEGORIES) + ["none"]:
+            assert len(safety[state][category]["all"]["halt"]["ci95"]) == 2
 
 
 @pytest.mark.slow
