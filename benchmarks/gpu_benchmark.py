@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""GPU benchmark: the paper-scale pipeline on random weights of DeepSeek-LLM-7B's exact shape.
+
+Runs `introspection_experiment.run` end to end with the paper's hyperparameters (concept vectors for 60 concepts + 32
+baseline words, base-model evaluation, 3 LoRA epochs of 480 examples at effective batch 4, fine-tuned evaluation, the
+safety stage), then measures LoRA training throughput at micro-batch 32. Prints a table per stage (items, seconds,
+items/s, training tokens/s, MFU, peak GPU memory) and writes it as JSON. Model creation is not part of the total.
+
+FLOP count: LoRA training costs 4·N FLOPs per real (non-padding) token, forward 2·N plus backward through the
+activations 2·N (the frozen weights get no gradient; LoRA weight gradients and attention scores are ignored), with N
+the weights in matrix products (decoder linears + LM head = 6.49e9 for DeepSeek-7B). MFU = FLOPs / seconds / peak,
+with peak = 989 TFLOP/s (H100 SXM dense bf16).
+
+    python benchmarks/gpu_benchmark.py --output benchmarks/h100_bf16.json
+    python benchmarks/gpu_benchmark.py --output benchmarks/h100_4bit.json --load-in-4bit
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import introspection_experiment as ie  # noqa: E402
+
+PEAK_FLOPS = 989e12
+log = logging.getLogger("benchmark")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def training_tokens(dataset, tok, prompt_format: str) -> int:
+    return sum(len(e["prompt"]) + len(e["completion"]) for e in ie.tokenize_examples(dataset, tok, prompt_format))
+
+
+def stage_rows(run_dir: Path, cfg: ie.Config, n_weights: int, tok) -> list[dict]:
+    """One row per pipeline stage, from the run's timings, trials and datasets."""
+    from datasets import load_from_disk
+    times = json.loads((run_dir / "timings.json").read_text())
+    trials = ie.read_jsonl(run_dir / "trials.jsonl")
+    datasets = {"train": load_from_disk(str(run_dir / "dataset")),
+                "safety_train": load_from_disk(str(run_dir / "safety_dataset"))}
+    n_concepts = len(ie.TRAIN_CONCEPTS) + len(ie.HELDOUT_CONCEPTS)
+    rows = []
+    for stage in [k for k in times if not k.endswith("_peak_gib") and k != "load_model"]:
+        row = {"stage": stage, "seconds": times[stage], "peak_gib": times.get(f"{stage}_peak_gib")}
+        if stage in datasets:
+            tokens = training_tokens(datasets[stage], tok, cfg.prompt_format) * cfg.epochs
+            row.update(items=len(datasets[stage]) * cfg.epochs, unit="examples", tokens=tokens,
+                       tokens_per_s=tokens / times[stage], mfu=4 * n_weights * tokens / times[stage] / PEAK_FLOPS,
+                       step_ms=1000 * times[stage] / (cfg.epochs * -(-len(datasets[stage]) // cfg.batch_size)))
+        elif stage.startswith("eval_"):
+            _, experiment, state = stage.split("_", 2)
+            row.update(items=sum(t["experiment"] == experiment and t["state"] == state for t in trials),
+                       unit="generations" if state != "probe" else "probe trials")
+        else:
+            row.update(items=(n_concepts if stage == "concept_vectors" else
+                              sum(map(len, ie.SAFETY_CATEGORIES.values()))) + len(ie.BASELINE_WORDS), unit="prompts")
+        row["items_per_s"] = row["items"] / row["seconds"]
+        rows.append(row)
+    return rows
+
+
+def throughput(cfg: ie.Config, micro_batch: int) -> dict:
+    """LoRA training at `micro_batch` on a fresh model: one warm-up epoch on 4 batches, then one timed epoch."""
+    model, tok, _ = ie.load_model(cfg)
+    layer = ie.resolve_layer(cfg, model)
+    cfg = dataclasses.replace(cfg, layer=layer, batch_size=micro_batch, grad_accum=1, epochs=1)
+    norm = 1.0
+    vectors = dict(ie.random_directions(len(ie.TRAIN_CONCEPTS), ie.text_config(model).hidden_size, 0))
+    vectors = {c: vectors[f"random-{i:02d}"] for i, c in enumerate(ie.TRAIN_CONCEPTS)}
+    dataset = ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60", "80", "100"], cfg.positives_per_concept, cfg.seed)
+    warm, _ = ie.train_lora(model, tok, dataset.select(range(4 * micro_batch)), vectors, norm, cfg)
+    model = warm.unload()
+    sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    ie.train_lora(model, tok, dataset, vectors, norm, cfg)
+    sync()
+    seconds = time.perf_counter() - start
+    tokens = training_tokens(dataset, tok, cfg.prompt_format)
+    n_weights = ie.matmul_weights(model)
+    return {"micro_batch": micro_batch, "examples": len(dataset), "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "mfu": 4 * n_weights * tokens / seconds / PEAK_FLOPS,
+            "step_ms": 1000 * seconds / -(-len(dataset) // micro_batch),
+            "peak_gib": peak_gib()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="JSON file to write")
+    parser.add_argument("--model", default="random:deepseek-llm-7b")
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
+    parser.add_argument("--throughput-batch", type=int, default=32, help="micro-batch of the MFU measurement (0: skip)")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not torch.cuda.is_available():
+        log.warning("no CUDA device: timings are CPU timings and MFU is meaningless")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ie.Config(model=args.model, load_in_4bit=args.load_in_4bit, tokenizer=args.tokenizer,
+                        epochs=args.epochs, output_dir=str(Path(tmp) / "run"))
+        metrics = ie.run(cfg)
+        tok = ie.load_tokenizer(args.tokenizer) if args.tokenizer else ie.load_embedded_tokenizer()
+        rows = stage_rows(Path(cfg.output_dir), cfg, metrics["model"]["matmul_weights"], tok)
+    result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "model": args.model, "random_weights": True,
+              "load_in_4bit": args.load_in_4bit, "dtype": metrics["model"]["dtype"],
+              "settings": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                           "eval_batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens},
+              "flops_per_token": f"4 * N, N = {metrics['model']['matmul_weights']:.4g} weights in matmuls "
+                                 "(decoder linears + LM head); MFU vs 989 TFLOP/s",
+              "environment": ie.environment(), "stages": rows,
+              "total_compute_s": sum(r["seconds"] for r in rows),
+              "peak_gib": max(r["peak_gib"] or 0 for r in rows)}
+    if args.throughput_batch:
+        result["throughput"] = [throughput(dataclasses.replace(cfg, output_dir=None), b)
+                                for b in sorted({4, args.throughput_batch})]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    return 0
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['device']} — {result['model']} (RANDOM WEIGHTS), "
+             f"{'4-bit NF4' if result['load_in_4bit'] else result['dtype']}",
+             f"{'stage':34} {'items':>12} {'seconds':>8} {'items/s':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9}"]
+    for r in result["stages"]:
+        lines.append(f"{r['stage']:34} {r['items']:>5} {r['unit'][:6]:6} {r['seconds']:8.2f} {r['items_per_s']:9.1f} "
+                     f"{r.get('tokens_per_s', 0):9.0f} {100 * r.get('mfu', 0):5.1f}% {r['peak_gib'] or 0:9.2f}")
+    lines.append(f"{'total (excluding model creation)':34} {'':12} {result['total_compute_s']:8.2f} "
+                 f"{'':9} {'':9} {'':6} {result['peak_gib']:9.2f}")
+    for t in result.get("throughput", []):
+        lines.append(f"LoRA training at micro-batch {t['micro_batch']}: {t['step_ms']:.1f} ms/step, "
+                     f"{t['tokens_per_s']:.0f} tokens/s, MFU {100 * t['mfu']:.1f}%, peak {t['peak_gib']:.2f} GiB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
