@@ -168,7 +168,7 @@ class Config:
         "sampling temperature of control trials (seeded; 0 = greedy), so that controls are not copies of one output")})
     random_vectors: int = field(default=20, metadata={"help": "norm-matched random directions for the random-vector control"})
     skip_safety: bool = field(default=False, metadata={"help": "skip the safety-halt stage"})
-    safety_examples_per_class: int = field(default=48, metadata={"help": (
+    safety_examples_per_class: int = field(default=96, metadata={"help": (
         "safety training examples per class (harmful -> halt, safe -> proceed, no injection -> all clear)")})
     seed: int = field(default=0, metadata={"help": "seed for data, sampling and initialisation"})
     output_dir: str | None = field(default=None, metadata={"help": (
@@ -181,7 +181,7 @@ class Config:
         "QLoRA: NF4 weights with double quantization, k-bit training preparation and gradient checkpointing "
         "(CUDA only; a 7B model fits a 16 GB T4)")})
     tokenizer: str | None = field(default=None, metadata={"help": (
-        f"tokenizer of a random:SHAPE model (a folder or hub id); default: the embedded model's")})
+        "tokenizer of a random:SHAPE model (a folder or hub id); default: the embedded model's")})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,6 +614,13 @@ def load_vectors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 # Stage 3: dataset (paper §3.4)
 
 
+def to_dataset(rows: list[dict]):
+    """A datasets.Dataset whose fingerprint is a hash of its rows (datasets would otherwise pickle the table)."""
+    import pyarrow as pa
+    from datasets import Dataset
+    return Dataset(pa.Table.from_pylist(rows), fingerprint=hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16])
+
+
 def stratified(strengths: list[str], count: int, rng: random.Random) -> list[str]:
     """`count` strengths, each as often as possible, the remainder drawn at random without repeats."""
     return strengths * (count // len(strengths)) + rng.sample(strengths, count % len(strengths))
@@ -622,7 +629,6 @@ def stratified(strengths: list[str], count: int, rng: random.Random) -> list[str
 def build_dataset(train_concepts: list[str], strengths: list[str], positives_per_concept: int, seed: int):
     """Positives: each training concept with alpha uniform over the train strengths (stratified) and a random prompt;
     an equal number of no-injection negatives; shuffled with `seed`."""
-    from datasets import Dataset
     rng = random.Random(seed)
     rows = []
     for concept in train_concepts:
@@ -633,7 +639,7 @@ def build_dataset(train_concepts: list[str], strengths: list[str], positives_per
         rows.append({"question": rng.choice(DETECTION_QUESTIONS), "concept": "", "strength": "",
                      "completion": NEGATIVE_COMPLETION, "injected": False})
     rng.shuffle(rows)
-    return Dataset.from_list(rows)
+    return to_dataset(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -820,21 +826,25 @@ def tokenize_examples(dataset, tok, prompt_format: str) -> list[dict]:
     return examples
 
 
-def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float, pad_id: int, dim: int) -> dict:
-    """Right-padded teacher-forced batch; loss on completion + EOS only; injection at each row's last prompt token."""
-    width = max(len(e["prompt"]) + len(e["completion"]) for e in batch)
-    ids = torch.full((len(batch), width), pad_id)
-    labels = torch.full((len(batch), width), -100)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float, pad_id: int, dim: int,
+            shape: tuple[int, int] | None = None) -> dict:
+    """Right-padded teacher-forced batch; loss on completion + EOS only; injection at each row's last prompt token.
+    Right padding needs no attention mask: under causal attention no real token sees the pads after it. `shape`
+    (rows, width) pads to a fixed shape with extra all-padding rows that carry no loss and no injection."""
+    rows, width = shape or (len(batch), max(len(e["prompt"]) + len(e["completion"]) for e in batch))
+    ids = torch.full((rows, width), pad_id)
+    labels = torch.full((rows, width), -100)
     for b, e in enumerate(batch):
         seq = e["prompt"] + e["completion"]
         ids[b, :len(seq)] = torch.tensor(seq)
-        mask[b, :len(seq)] = 1
         labels[b, len(e["prompt"]):len(seq)] = torch.tensor(e["completion"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "prompt_end": torch.tensor([len(e["prompt"]) - 1 for e in batch]),
-            "vectors": torch.stack([vectors[e["concept"]] if e["concept"] else torch.zeros(dim) for e in batch]),
-            "alphas": torch.tensor([resolve_alpha(e["strength"], typical_norm) if e["strength"] else 0.0 for e in batch])}
+    padding = rows - len(batch)
+    return {"input_ids": ids, "labels": labels,
+            "prompt_end": torch.tensor([len(e["prompt"]) - 1 for e in batch] + [0] * padding),
+            "vectors": torch.stack([vectors[e["concept"]] if e["concept"] else torch.zeros(dim) for e in batch]
+                                   + [torch.zeros(dim)] * padding),
+            "alphas": torch.tensor([resolve_alpha(e["strength"], typical_norm) if e["strength"] else 0.0 for e in batch]
+                                   + [0.0] * padding)}
 
 
 def make_optimizer(params, lr: float, device: torch.device):
@@ -860,10 +870,43 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def forward_backward(model, batch: dict, cfg: Config, autocast, scaler) -> torch.Tensor:
+    """One micro-batch: forward with the injection, backward of loss / grad_accum; returns the detached loss."""
+    with injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode), autocast:
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+    scaler.scale(loss / cfg.grad_accum).backward()
+    return loss.detach()
+
+
+class GraphedStep:
+    """`forward_backward` on fixed-shape batches, captured once as a CUDA graph and replayed. A 7B LoRA step at batch 4
+    is ~30 ms of GPU work behind ~6,000 kernel launches that cost the host several times that; a replay is one launch.
+    Gradients accumulate into the same .grad tensors on every replay (so they are zeroed, never set to None)."""
+
+    def __init__(self, step, example: dict, warmup: int = 3):
+        self.static = {k: v.clone() for k, v in example.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # allocates .grad and the autograd/cuBLAS workspaces outside the capture
+                step(self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = step(self.static)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        for key, value in batch.items():
+            self.static[key].copy_(value)
+        self.graph.replay()
+        return self.loss.clone()
+
+
 def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_norm: float, cfg: Config):
     """Wrap `model` with a fresh LoRA adapter and train it; returns (peft model in eval mode, loss per optimizer step).
     On CUDA: autocast in the model's dtype (a gradient scaler for fp16), batches moved to the GPU before each epoch and
-    losses read back once per epoch, so the host never waits on the GPU inside the loop."""
+    losses read back once per epoch, so the host never waits on the GPU inside the loop; unquantized models train
+    from a CUDA graph of the step (batches padded to one shape; eager if capture fails)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -874,32 +917,41 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     device = input_device(model)
     dtype = unwrap(model).get_input_embeddings().weight.dtype
     on_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16, enabled=on_cuda)
+    autocast = torch.autocast("cuda", dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16, enabled=on_cuda,
+                              cache_enabled=False)
     scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)
     optimizer = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], cfg.lr, device)
     examples = tokenize_examples(dataset, tok, cfg.prompt_format)
     dim = next(iter(vectors.values())).shape[0]
     order_gen = torch.Generator().manual_seed(cfg.seed)
+    graphed = on_cuda and not getattr(model, "is_loaded_in_4bit", False)
+    shape = (cfg.batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in examples)) if graphed else None
+    eager = lambda batch: forward_backward(peft_model, batch, cfg, autocast, scaler)  # noqa: E731
+    step_fn = None
     losses = []
     peft_model.train()
     progress = tqdm(total=cfg.epochs * math.ceil(len(examples) / cfg.batch_size), desc="train LoRA", leave=False,
                     disable=None)
     for epoch in range(cfg.epochs):
         batches = [{k: v.to(device) for k, v in collate([examples[i] for i in idx], vectors, typical_norm,
-                                                         tok.pad_token_id, dim).items()}
+                                                         tok.pad_token_id, dim, shape).items()}
                    for idx in length_bucketed_batches(examples, cfg.batch_size, order_gen)]
+        if step_fn is None:
+            step_fn = eager
+            if graphed:
+                try:
+                    step_fn = GraphedStep(eager, batches[0])
+                except RuntimeError as e:
+                    log.warning("CUDA graph capture failed (%s); training eagerly", str(e).splitlines()[0])
+                    graphed = False
+                optimizer.zero_grad(set_to_none=not graphed)  # drop the warm-up gradients
         step_losses, pending = [], []
         for step, batch in enumerate(batches):
-            with injection(peft_model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"],
-                           cfg.injection_mode), autocast:
-                loss = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  labels=batch["labels"], use_cache=False).loss
-            scaler.scale(loss / cfg.grad_accum).backward()
-            pending.append(loss.detach())
+            pending.append(step_fn(batch))
             if len(pending) == cfg.grad_accum or step == len(batches) - 1:  # no gradient is dropped at epoch end
                 scaler.step(optimizer)
                 scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not graphed)
                 step_losses.append(torch.stack(pending).float().mean())
                 pending = []
             progress.update()
@@ -1075,7 +1127,6 @@ def plot_figures(metrics: dict, trials: list[dict], losses: list[dict], folder: 
 def build_safety_dataset(harmful: list[str], safe: list[str], strengths: list[str], per_class: int, seed: int):
     """Balanced: per_class harmful (halt), per_class safe (proceed) and per_class no-injection (all clear) examples,
     concepts spread evenly over each class, strengths stratified per concept, prompts drawn from SAFETY_QUESTIONS."""
-    from datasets import Dataset
     rng = random.Random(seed)
     rows = []
     for category, concepts, template in (("harmful", harmful, HALT_COMPLETION), ("safe", safe, PROCEED_COMPLETION)):
@@ -1087,7 +1138,7 @@ def build_safety_dataset(harmful: list[str], safe: list[str], strengths: list[st
     rows += [{"question": rng.choice(SAFETY_QUESTIONS), "concept": "", "strength": "", "completion": CLEAR_COMPLETION,
               "category": "none"} for _ in range(per_class)]
     rng.shuffle(rows)
-    return Dataset.from_list(rows)
+    return to_dataset(rows)
 
 
 class HaltOnMarker:

@@ -1,0 +1,33 @@
+"""The committed GPU benchmark results: complete, labelled, and the README table generated from them."""
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_benchmark as gb  # noqa: E402
+
+STAGES = {"concept_vectors", "eval_introspection_base", "train", "eval_introspection_finetuned", "safety_vectors",
+          "eval_safety_base", "eval_safety_probe", "safety_train", "eval_safety_safety_adapter"}
+
+
+def results():
+    return [json.loads((ROOT / "benchmarks" / f"{name}.json").read_text()) for name in ("h100_bf16", "h100_4bit")]
+
+
+def test_benchmarks_cover_every_stage_and_say_random_weights():
+    for result in results():
+        assert result["random_weights"] and result["model"] == "random:deepseek-llm-7b"
+        assert {row["stage"] for row in result["stages"]} == STAGES
+        assert abs(result["total_compute_s"] - sum(row["seconds"] for row in result["stages"])) < 1e-6
+        assert "RANDOM WEIGHTS" in gb.format_table(result)
+    bf16, nf4 = results()
+    assert not bf16["load_in_4bit"] and nf4["load_in_4bit"]
+    assert [t["micro_batch"] for t in bf16["throughput"]] == [4, 32]
+
+
+def test_readme_benchmark_table_matches_the_json():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- benchmark:start -->\n```\n(.*?)\n```\n<!-- benchmark:end -->", readme, re.S).group(1)
+    assert block == "\n\n".join(gb.format_table(r) for r in results())
