@@ -661,6 +661,17 @@ def build_trials(concepts: dict[str, list[str]], strengths: list[str], random_na
     return trials
 
 
+def injection_rows(rows: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float,
+                   padding: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row vectors and absolute strengths for trials or examples (no concept or strength = no injection), plus
+    `padding` rows without injection."""
+    zero = torch.zeros_like(next(iter(vectors.values())))
+    vecs = torch.stack([vectors[r["concept"]] if r["concept"] else zero for r in rows] + [zero] * padding)
+    alphas = torch.tensor([resolve_alpha(r["strength"], typical_norm) if r["strength"] else 0.0 for r in rows]
+                          + [0.0] * padding)
+    return vecs, alphas
+
+
 @torch.no_grad()
 def generate(model, tok, questions: list[str], vectors: torch.Tensor, alphas: torch.Tensor, cfg: Config,
              sample: bool = False, stopping_criteria=None) -> torch.Tensor:
@@ -685,15 +696,13 @@ def run_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor],
                state: str, experiment: str = "introspection") -> list[dict]:
     """Generate and grade every trial in batches. Trials without a concept (controls) are sampled with a seeded
     temperature unless control_temperature is 0; injected trials are greedy. Safety trials stop at the halt marker."""
-    dim = next(iter(vectors.values())).shape[0]
     results = []
     groups = [(False, [t for t in trials if t["concept"] is not None]),
               (cfg.control_temperature > 0, [t for t in trials if t["concept"] is None])]
     batches = [(sample, group[i:i + cfg.eval_batch_size]) for sample, group in groups
                for i in range(0, len(group), cfg.eval_batch_size)]
     for index, (sample, batch) in enumerate(tqdm(batches, desc=f"eval {experiment} {state}", leave=False, disable=None)):
-        vecs = torch.stack([vectors[t["concept"]] if t["concept"] else torch.zeros(dim) for t in batch])
-        alphas = torch.tensor([resolve_alpha(t["strength"], typical_norm) if t["strength"] else 0.0 for t in batch])
+        vecs, alphas = injection_rows(batch, vectors, typical_norm)
         questions = [t["question"] for t in batch]
         torch.manual_seed(cfg.seed * 1000 + index)
         if experiment == "safety":
@@ -826,7 +835,7 @@ def tokenize_examples(dataset, tok, prompt_format: str) -> list[dict]:
     return examples
 
 
-def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float, pad_id: int, dim: int,
+def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float, pad_id: int,
             shape: tuple[int, int] | None = None) -> dict:
     """Right-padded teacher-forced batch; loss on completion + EOS only; injection at each row's last prompt token.
     Right padding needs no attention mask: under causal attention no real token sees the pads after it. `shape`
@@ -839,12 +848,9 @@ def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: f
         ids[b, :len(seq)] = torch.tensor(seq)
         labels[b, len(e["prompt"]):len(seq)] = torch.tensor(e["completion"])
     padding = rows - len(batch)
-    return {"input_ids": ids, "labels": labels,
-            "prompt_end": torch.tensor([len(e["prompt"]) - 1 for e in batch] + [0] * padding),
-            "vectors": torch.stack([vectors[e["concept"]] if e["concept"] else torch.zeros(dim) for e in batch]
-                                   + [torch.zeros(dim)] * padding),
-            "alphas": torch.tensor([resolve_alpha(e["strength"], typical_norm) if e["strength"] else 0.0 for e in batch]
-                                   + [0.0] * padding)}
+    vecs, alphas = injection_rows(batch, vectors, typical_norm, padding)
+    return {"input_ids": ids, "labels": labels, "vectors": vecs, "alphas": alphas,
+            "prompt_end": torch.tensor([len(e["prompt"]) - 1 for e in batch] + [0] * padding)}
 
 
 def make_optimizer(params, lr: float, device: torch.device):
@@ -922,7 +928,6 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)
     optimizer = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], cfg.lr, device)
     examples = tokenize_examples(dataset, tok, cfg.prompt_format)
-    dim = next(iter(vectors.values())).shape[0]
     order_gen = torch.Generator().manual_seed(cfg.seed)
     graphed = on_cuda and not getattr(model, "is_loaded_in_4bit", False)
     shape = (cfg.batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in examples)) if graphed else None
@@ -934,7 +939,7 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
                     disable=None)
     for epoch in range(cfg.epochs):
         batches = [{k: v.to(device) for k, v in collate([examples[i] for i in idx], vectors, typical_norm,
-                                                         tok.pad_token_id, dim, shape).items()}
+                                                         tok.pad_token_id, shape).items()}
                    for idx in length_bucketed_batches(examples, cfg.batch_size, order_gen)]
         if step_fn is None:
             step_fn = eager
@@ -1205,9 +1210,7 @@ def probe_features(model, tok, trials: list[dict], vectors: dict[str, torch.Tens
         batch = trials[i:i + cfg.eval_batch_size]
         seqs = [encode(format_prompt(t["question"], tok, cfg.prompt_format), tok, cfg.prompt_format) for t in batch]
         ids, mask = pad_left(seqs, tok.pad_token_id)
-        dim = next(iter(vectors.values())).shape[0]
-        vecs = torch.stack([vectors[t["concept"]] if t["concept"] else torch.zeros(dim) for t in batch])
-        alphas = torch.tensor([resolve_alpha(t["strength"], typical_norm) if t["strength"] else 0.0 for t in batch])
+        vecs, alphas = injection_rows(batch, vectors, typical_norm)
         end = torch.full((len(batch),), ids.shape[1] - 1)
         with injection(model, cfg.layer, vecs, alphas, end, "final-token"), capture_residual(model, cfg.layer) as cap:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)

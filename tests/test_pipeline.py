@@ -205,13 +205,16 @@ def test_collate_masks_prompt_and_injects_at_last_prompt_token(tok):
                                       "concept": "fire", "strength": "2x"},
                                      {"question": ie.DETECTION_QUESTIONS[1], "completion": ie.NEGATIVE_COMPLETION,
                                       "concept": "", "strength": ""}], tok, "paper")
-    batch = ie.collate(examples, {"fire": torch.ones(4)}, 10.0, tok.pad_token_id, 4)
+    batch = ie.collate(examples, {"fire": torch.ones(4)}, 10.0, tok.pad_token_id)
     for b, e in enumerate(examples):
         n_prompt, n_all = len(e["prompt"]), len(e["prompt"]) + len(e["completion"])
         assert (batch["labels"][b, :n_prompt] == -100).all() and (batch["labels"][b, n_all:] == -100).all()
         assert batch["labels"][b, n_all - 1] == tok.eos_token_id  # EOS is learned although pad == EOS
         assert batch["prompt_end"][b] == n_prompt - 1
-    assert batch["alphas"].tolist() == [20.0, 0.0]
+    assert batch["alphas"].tolist() == [20.0, 0.0] and batch["vectors"][1].abs().sum() == 0
+    padded = ie.collate(examples, {"fire": torch.ones(4)}, 10.0, tok.pad_token_id, shape=(3, 40))
+    assert padded["input_ids"].shape == (3, 40) and (padded["labels"][2] == -100).all()
+    assert padded["alphas"].tolist() == [20.0, 0.0, 0.0]
 
 
 # --- end to end ------------------------------------------------------------------------------------------------------
