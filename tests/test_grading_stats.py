@@ -34,6 +34,13 @@ def test_grader(response, concept, split, detected, verdict):
     assert (graded["detected"], graded["verdict"]) == (detected, verdict)
 
 
+@pytest.mark.parametrize("response,answer", [(" Yes, the sky is green.", "yes"), ("yes", "yes"), (" No.", "no"),
+                                             ("\n\nThe answer is: Yes.", "yes"), (" The answer is no. Yes, really.", "no"),
+                                             (" Yesterday I saw it.", None), (" I do not detect any injected thoughts.", None)])
+def test_yes_no_answers(response, answer):
+    assert ie.grade(response, None, "yes-no")["yes_no"] == answer
+
+
 def test_grader_records_the_named_concept():
     assert ie.grade("I detect an injected thought about lie. I detect", "origami", "held-out")["named"] == "lie"
     assert ie.grade("I do not detect any injected thoughts.", "origami", "held-out")["named"] is None
@@ -56,9 +63,9 @@ def test_yates_matches_the_paper():
     assert round(chi2, 2) == 1.23 and round(p, 2) == 0.27
 
 
-def trial(state, split, strength, verdict, detected=None, response="x"):
+def trial(state, split, strength, verdict, detected=None, response="x", concept="c", answer=None):
     return {"state": state, "split": split, "strength": strength, "verdict": verdict, "response": response,
-            "identified": verdict == "correct",
+            "identified": verdict == "correct", "concept": concept, "yes_no": answer,
             "detected": verdict in ("correct", "wrong_id", "false_positive", "detected") if detected is None else detected}
 
 
@@ -69,14 +76,22 @@ def test_summarize_counts_a_known_table():
               + [trial("finetuned", "control", None, "false_positive", response="a"),
                  trial("finetuned", "control", None, "correct_rejection", response="b"),
                  trial("finetuned", "control", None, "correct_rejection", response="b")]
-              + [trial("finetuned", "random", "40", "detected"), trial("finetuned", "random", "60", "not_detected")])
+              + [trial("finetuned", "random", "40", "detected"), trial("finetuned", "random", "60", "not_detected")]
+              + [trial("finetuned", "negated", "40", "detected")] * 3 + [trial("finetuned", "negated", "40", "not_detected")]
+              + [trial("finetuned", "yes-no", None, "not_detected", concept=None, answer="no")] * 3
+              + [trial("finetuned", "yes-no", None, "not_detected", concept=None, answer="yes")]
+              + [trial("finetuned", "yes-no", "40", "not_detected", answer="yes")]
+              + [trial("finetuned", "yes-no", "40", "not_detected", answer=None)])
     m = ie.summarize(trials, ["40", "60"])["finetuned"]
     assert m["seen"]["40"]["success"]["k"] == 3 and m["seen"]["40"]["success"]["n"] == 4
     assert m["seen"]["40"]["correct_id"]["k"] == 3 and m["seen"]["40"]["detection"]["rate"] == 1.0 and m["seen"]["60"]["missed"]["rate"] == 1.0
     assert m["seen"]["all"]["success"]["rate"] == 0.5 and m["held-out"]["all"]["wrong_id"]["k"] == 1
     assert m["control"]["false_positive"]["k"] == 1 and m["control"]["false_positive"]["n"] == 3
     assert m["control"]["distinct_responses"] == 2
-    assert m["random"]["all"]["detection"]["rate"] == 0.5
+    assert m["random"]["all"]["detection"]["rate"] == 0.5 and m["negated"]["40"]["detection"]["rate"] == 0.75
+    assert m["yes_no"]["no_injection"]["yes"]["rate"] == 0.25 and m["yes_no"]["injected"]["yes"]["rate"] == 0.5
+    assert m["yes_no"]["no_injection"]["unanswered"]["rate"] == 0 and m["yes_no"]["injected"]["unanswered"]["k"] == 1
+    assert m["net_success"]["seen"] == pytest.approx(0.5 - 1 / 3)
     assert m["gap"]["seen_minus_heldout"] == pytest.approx(0.0)
     lo, hi = m["seen"]["all"]["success"]["ci95"]
     assert (lo, hi) == pytest.approx(ie.wilson(3, 6))

@@ -148,6 +148,19 @@ def test_hook_follows_the_layer_device():
     assert seen == [torch.device("meta")]
 
 
+def test_controls_battery_trials():
+    cfg = ie.Config(control_trials=12)
+    trials = ie.build_trials({"train": ["fire"], "heldout": ["volcano", "galaxy"]}, ["40", "1x"], ["random-00"], cfg)
+    by_split = {s: [t for t in trials if t["split"] == s] for s in {t["split"] for t in trials}}
+    assert [t["concept"] for t in by_split["negated"]] == ["-volcano", "-volcano", "-galaxy", "-galaxy"]
+    yes_no = by_split["yes-no"]
+    assert len(yes_no) == 3 * len(ie.YES_NO_QUESTIONS)
+    assert sum(t["concept"] is None for t in yes_no) == len(ie.YES_NO_QUESTIONS)
+    assert {t["concept"] for t in yes_no} - {None} == {"volcano", "galaxy"}
+    assert len({t["question"] for t in by_split["control"]}) == 12  # 5 training + 7 unseen phrasings
+    assert ie.SAMPLED_SPLITS == {"control", "none"}
+
+
 def test_length_buckets_cover_every_example_once():
     examples = [{"prompt": [0] * (i % 7 + 1), "completion": [0] * (i % 3 + 1)} for i in range(100)]
     batches = ie.length_bucketed_batches(examples, 8, torch.Generator().manual_seed(0))
@@ -235,7 +248,8 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     assert metrics["model"]["random_weights"] and "RANDOM WEIGHTS" in (out / "results.md").read_text()
     assert set(metrics["results"]) == {"base", "finetuned"}
     trials = ie.read_jsonl(out / "trials.jsonl")
-    per_state = 4 * 2 + 2 * 2 + 4 + 2 * 2  # seen + held-out + controls + random
+    per_state = 4 * 2 + 2 * 2 + 4 + 2 * 2 + 2 * 2 + len(ie.YES_NO_QUESTIONS) * 3  # seen, held-out, controls, random,
+    # negated held-out vectors, yes/no questions without and with injection at each of the 2 strengths
     assert sum(t["experiment"] == "introspection" for t in trials) == 2 * per_state
     n_safety = sum(map(len, ie.SAFETY_CATEGORIES.values())) * 2 * len(ie.SAFETY_EVAL_QUESTIONS) + 4
     assert sum(t["experiment"] == "safety" for t in trials) == 3 * n_safety  # base, probe, safety adapter
@@ -286,7 +300,8 @@ def test_committed_metrics_have_every_required_part():
                 for key in ("detection", "success", "wrong_id", "missed"):
                     assert len(result[split][strength][key]["ci95"]) == 2
         assert result["control"]["false_positive"]["n"] >= 60
-        assert result["random"]["all"]["detection"]["n"] > 0
+        assert result["random"]["all"]["detection"]["n"] > 0 and result["negated"]["all"]["detection"]["n"] > 0
+        assert result["yes_no"]["no_injection"]["yes"]["n"] > 0 and result["yes_no"]["injected"]["unanswered"]["n"] > 0
         assert "p" in result["gap"]
     safety = metrics["safety"]["results"]
     for state in ("base", "probe", "safety_adapter"):
