@@ -464,6 +464,11 @@ def encode(text: str, tok, prompt_format: str) -> list[int]:
     return tok(text, add_special_tokens=prompt_format == "paper").input_ids
 
 
+def question_ids(question: str, tok, prompt_format: str) -> list[int]:
+    """Token ids of a user question in the chosen prompt format, ending where the assistant's answer begins."""
+    return encode(format_prompt(question, tok, prompt_format), tok, prompt_format)
+
+
 def completion_ids(text: str, tok, prompt_format: str) -> list[int]:
     """Completion tokens + EOS, tokenized on their own so the prompt's tokens are exactly a prefix."""
     text = text if prompt_format == "paper" else text.lstrip()
@@ -704,7 +709,7 @@ def generate(model, tok, questions: list[str], vectors: torch.Tensor, alphas: to
     """Batched generation, left padded, with per-row vectors and strengths (alpha 0 = no injection).
     Returns the generated token ids (batch x new tokens, padded after EOS)."""
     device = input_device(model)
-    seqs = [encode(format_prompt(q, tok, cfg.prompt_format), tok, cfg.prompt_format) for q in questions]
+    seqs = [question_ids(q, tok, cfg.prompt_format) for q in questions]
     ids, mask = pad_left(seqs, tok.pad_token_id)
     width = ids.shape[1]
     prompt_end = torch.full((len(seqs),), width - 1)
@@ -871,7 +876,7 @@ def summarize(trials: list[dict], strengths: list[str]) -> dict:
 def tokenize_examples(dataset, tok, prompt_format: str) -> list[dict]:
     examples = []
     for row in dataset:
-        prompt = encode(format_prompt(row["question"], tok, prompt_format), tok, prompt_format)
+        prompt = question_ids(row["question"], tok, prompt_format)
         examples.append({"prompt": prompt, "completion": completion_ids(row["completion"], tok, prompt_format),
                          "concept": row["concept"], "strength": row["strength"]})
     return examples
@@ -1259,7 +1264,7 @@ def probe_features(model, tok, trials: list[dict], vectors: dict[str, torch.Tens
     feats = []
     for i in range(0, len(trials), cfg.eval_batch_size):
         batch = trials[i:i + cfg.eval_batch_size]
-        seqs = [encode(format_prompt(t["question"], tok, cfg.prompt_format), tok, cfg.prompt_format) for t in batch]
+        seqs = [question_ids(t["question"], tok, cfg.prompt_format) for t in batch]
         ids, mask = pad_left(seqs, tok.pad_token_id)
         vecs, alphas = injection_rows(batch, vectors, typical_norm)
         end = torch.full((len(batch),), ids.shape[1] - 1)
