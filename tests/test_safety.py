@@ -86,5 +86,5 @@ def test_probe_separates_linearly_separable_classes():
     torch.manual_seed(0)
     x = torch.randn(200, 8)
     y = (x[:, 0] > 0).float()
-    predict = ie.train_probe(x, y, seed=0)
+    predict = ie.train_probe(x, y)
     assert ((predict(x) > 0.5).float() == y).float().mean() > 0.95
