@@ -55,6 +55,9 @@ def test_default_model_falls_back_to_embedded_without_cuda(caplog):
     (["--model", "random:tiny", "--layer", "-1"], "out of range"),
     (["--model", "random:tiny", "--train-strengths", "strong"], "bad strength"),
     (["--model", "random:tiny", "--epochs", "0"], "--epochs must be >= 1"),
+    (["--model", "random:tiny", "--random-negatives", "1.5"], "between 0 and 1"),
+    (["--model", "random:tiny", "--num-train-concepts", "100000"], "exceeds the"),
+    (["--model", "random:tiny", "--seeds", "1", "1"], "must not repeat"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, caplog, extra, message):
     code, text = run_main(extra + ["--output-dir", str(tmp_path / "run")], caplog)
@@ -205,6 +208,51 @@ def test_dataset_balance_and_size():
     assert set(ds["question"]) == set(ie.DETECTION_QUESTIONS)
     negatives = [r for r in ds if not r["injected"]]
     assert all(r["completion"] == ie.NEGATIVE_COMPLETION and r["strength"] == "" for r in negatives)
+
+
+def test_random_negatives_replace_part_of_the_negatives():
+    names = list(ie.random_directions(60, 8, seed=0, prefix="train-random"))
+    ds = ie.build_dataset(ie.TRAIN_CONCEPTS, ["1x", "2x"], 3, seed=0, random_negatives=names)
+    positives = [r for r in ds if r["completion"] != ie.NEGATIVE_COMPLETION]
+    negatives = [r for r in ds if r["completion"] == ie.NEGATIVE_COMPLETION]
+    assert len(positives) == len(negatives) == 120
+    with_direction = [r for r in negatives if r["concept"]]
+    assert sorted(r["concept"] for r in with_direction) == sorted(names)  # each direction used once, labelled "no"
+    assert all(r["injected"] and r["strength"] in ("1x", "2x") for r in with_direction)
+    assert sum(r["strength"] == "1x" for r in with_direction) == 30  # stratified over the training strengths
+    assert all(not r["injected"] and r["strength"] == "" for r in negatives if not r["concept"])
+
+
+def test_random_directions_unit_norm_and_independent_streams():
+    evaluation = ie.random_directions(3, 16, seed=0)
+    training = ie.random_directions(3, 16, seed=0, prefix="train-random")
+    assert list(evaluation) == ["random-000", "random-001", "random-002"]
+    for v in [*evaluation.values(), *training.values()]:
+        assert abs(float(v.norm()) - 1) < 1e-5
+    assert not torch.allclose(evaluation["random-000"], training["train-random-000"])
+    assert torch.equal(evaluation["random-001"], ie.random_directions(3, 16, seed=0)["random-001"])
+
+
+def test_vocabulary_is_large_balanced_and_disjoint_from_the_paper_lists():
+    words = ie.vocabulary()
+    categories = json.loads(ie.VOCABULARY_FILE.read_text())["categories"]
+    assert len(words) >= 500 and len(set(words)) == len(words) == sum(map(len, categories.values()))
+    reserved = set(ie.TRAIN_CONCEPTS + ie.HELDOUT_CONCEPTS + ie.BASELINE_WORDS)
+    reserved |= {w for ws in ie.SAFETY_CATEGORIES.values() for w in ws}
+    assert not reserved & set(words)
+    first = words[:len(categories)]  # interleaved: the first words cover every category once
+    assert {next(c for c, ws in categories.items() if w in ws) for w in first} == set(categories)
+
+
+def test_num_train_concepts_extends_the_paper_list_with_the_vocabulary():
+    concepts = ie.load_concepts(ie.Config(num_train_concepts=100))
+    assert concepts["train"][:40] == ie.TRAIN_CONCEPTS and concepts["train"][40:] == ie.vocabulary()[:60]
+    assert ie.load_concepts(ie.Config(num_train_concepts=10))["train"] == ie.TRAIN_CONCEPTS[:10]
+    assert concepts["heldout"] == ie.HELDOUT_CONCEPTS
+
+
+def test_seeds_flag_parses_to_ints():
+    assert ie.config_from_args(["--seeds", "0", "1", "2"]).seeds == [0, 1, 2]
 
 
 def test_dataset_is_seeded():
