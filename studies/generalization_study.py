@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Generalisation study: can the model name concepts it never saw, and is that introspection or any-perturbation
+detection? Three parts, each one command; every point is one `introspection_experiment.run` (its own resumable run
+directory under --runs, one model load shared by all points):
+
+    python studies/generalization_study.py scaling    # held-out identification and random-vector detection vs N
+    python studies/generalization_study.py sweep      # layer x strength grid (detection, identification)
+    python studies/generalization_study.py controls   # the full controls battery for the main protocols
+
+scaling and sweep use the cheap logprob scoring (one teacher-forced pass per trial, the same verdicts as greedy
+generation); controls uses free generation, so that the yes/no questions and sampled controls are included.
+Outputs go to --figures: scaling_study.{png,json}, layer_strength_heatmap.{png,json}, controls_table.{md,json}.
+Each part's single default point (N=40, prompt-end vectors, no random negatives, layer 20) is the default pipeline
+protocol and runs on a CPU, e.g. `scaling --points 40 --vector-tokens prompt-end --random-negatives 0`.
+"""
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import introspection_experiment as ie  # noqa: E402
+
+log = logging.getLogger("study")
+SWEEP_STRENGTHS = ["0.25x", "0.5x", "1x", "1.5x", "2x", "3x", "4x"]
+SCALING_METRICS = [("held-out", "success", "held-out identification"), ("random", "detection", "random-vector 'detection'"),
+                   ("seen", "success", "seen identification"), ("control", "false_positive", "control false positives")]
+SWEEP_METRICS = [("held-out", "detection", "held-out detection"), ("held-out", "success", "held-out identification"),
+                 ("seen", "success", "seen identification"), ("random", "detection", "random-vector 'detection'")]
+
+
+def finetuned_rate(metrics: dict, split: str, metric: str, strength: str = "all") -> dict:
+    result = metrics["results"]["finetuned"]
+    return result["control"]["false_positive"] if split == "control" else result[split][strength][metric]
+
+
+def protocol_name(vector_token: str, random_negatives: float) -> str:
+    return f"{vector_token} vectors" + (f", {random_negatives:g} random negatives" if random_negatives else "")
+
+
+class Study:
+    """Runs points of the study with one shared model; each point is resumable in its own directory."""
+
+    def __init__(self, args):
+        self.args, self.loaded = args, None
+        self.base = ie.Config(model=args.model, seed=args.seed, skip_safety=True)
+
+    def run(self, name: str, **overrides) -> dict:
+        cfg = dataclasses.replace(self.base, output_dir=str(Path(self.args.runs) / name), **overrides)
+        ie.validate_config(cfg)
+        self.loaded = self.loaded or ie.load_model(cfg)
+        return ie.run(cfg, self.loaded)
+
+    def label(self) -> str:
+        info = self.loaded[2]
+        return info["name"] + (" — RANDOM WEIGHTS" if info["random_weights"] else "")
+
+
+def scaling(study: Study, args) -> dict:
+    """Held-out identification and random-vector detection (all strengths pooled) vs the number of training concepts,
+    for each vector token x random-negative fraction."""
+    curves = []
+    for token in args.vector_tokens:
+        for fraction in args.random_negatives:
+            points = []
+            for n in args.points:
+                m = study.run(f"scaling/{token}-rn{fraction:g}-n{n}", num_train_concepts=n, vector_token=token,
+                              random_negatives=fraction, scoring="logprob")
+                points.append({"num_train_concepts": n, **{label: finetuned_rate(m, split, metric)
+                                                           for split, metric, label in SCALING_METRICS}})
+            curves.append({"vector_token": token, "random_negatives": fraction,
+                           "name": protocol_name(token, fraction), "points": points})
+    result = {"model": study.label(), "scoring": "logprob", "seed": args.seed, "curves": curves}
+    plot_scaling(result, Path(args.figures) / "scaling_study.png")
+    ie.write_json(Path(args.figures) / "scaling_study.json", result)
+    return result
+
+
+def sweep(study: Study, args) -> dict:
+    """A layer x evaluation-strength grid: one adapter trained per layer (the default training strengths), scored
+    over a wider range of strengths, for each vector token."""
+    grids = []
+    for token in args.vector_tokens:
+        rows = []
+        for layer in args.layers:
+            m = study.run(f"sweep/{token}-layer{layer}", layer=layer, vector_token=token, eval_strengths=args.strengths,
+                          scoring="logprob")
+            rows.append({"layer": layer, "alphas": m["settings"]["alphas"],
+                         **{label: [finetuned_rate(m, split, metric, s) for s in args.strengths]
+                            for split, metric, label in SWEEP_METRICS}})
+        grids.append({"vector_token": token, "rows": rows})
+    result = {"model": study.label(), "scoring": "logprob", "seed": args.seed, "strengths": args.strengths,
+              "layers": args.layers, "grids": grids}
+    plot_sweep(result, Path(args.figures) / "layer_strength_heatmap.png")
+    ie.write_json(Path(args.figures) / "layer_strength_heatmap.json", result)
+    return result
+
+
+CONTROL_PROTOCOLS = [  # (run name, overrides): the paper's protocol first
+    ("paper", {}),
+    ("random-negatives", {"random_negatives": 0.5}),
+    ("word", {"vector_token": "word"}),
+    ("word-random-negatives", {"vector_token": "word", "random_negatives": 0.5}),
+]
+
+
+def controls(study: Study, args) -> dict:
+    """The full controls battery (free generation) for the main protocols, at N = args.points (one or more)."""
+    rows = []
+    for n in args.points:
+        for name, overrides in CONTROL_PROTOCOLS:
+            m = study.run(f"controls/{name}-n{n}", num_train_concepts=n, **overrides)
+            rows.append({"protocol": protocol_name(m["settings"]["vector_token"], overrides.get("random_negatives", 0)),
+                         "num_train_concepts": n, "results": m["results"]})
+    result = {"model": study.label(), "scoring": "generate", "seed": args.seed, "rows": rows}
+    ie.write_json(Path(args.figures) / "controls_table.json", result)
+    (Path(args.figures) / "controls_table.md").write_text(controls_table(result))
+    return result
+
+
+def controls_table(result: dict) -> str:
+    """Markdown: for each protocol, base and fine-tuned rates of success and of every control (Wilson 95% CI)."""
+    lines = [f"Model: {result['model']}; free generation; all strengths pooled.", "",
+             "| protocol | N | model | seen success | held-out success | control FP | random-vector 'detection' "
+             "| negated-vector 'detection' | 'yes' to always-no: no injection / injected "
+             "| neither yes nor no: no injection / injected |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        for state, r in row["results"].items():
+            yes_no = r["yes_no"]
+            lines.append(
+                f"| {row['protocol']} | {row['num_train_concepts']} | {state} | {ie.pct(r['seen']['all']['success'])} "
+                f"| {ie.pct(r['held-out']['all']['success'])} | {ie.pct(r['control']['false_positive'])} "
+                f"| {ie.pct(r['random']['all']['detection'])} | {ie.pct(r['negated']['all']['detection'])} "
+                f"| {ie.pct(yes_no['no_injection']['yes'])} / {ie.pct(yes_no['injected']['yes'])} "
+                f"| {ie.pct(yes_no['no_injection']['unanswered'])} / {ie.pct(yes_no['injected']['unanswered'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [label for _, _, label in SCALING_METRICS]
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), sharex=True)
+    for curve in result["curves"]:
+        xs = [p["num_train_concepts"] for p in curve["points"]]
+        style = "-" if curve["vector_token"] == "prompt-end" else "--"
+        marker = "o" if not curve["random_negatives"] else "s"
+        for ax, label in zip(axes, labels):
+            rates = [p[label] for p in curve["points"]]
+            ax.errorbar(xs, [r["rate"] for r in rates], yerr=ie.ci_err(rates), linestyle=style, marker=marker,
+                        capsize=3, label=curve["name"])
+    points = sorted({p["num_train_concepts"] for c in result["curves"] for p in c["points"]})
+    for ax, label in zip(axes, labels):
+        ax.set_xscale("log")
+        ax.set_xticks(points, [str(n) for n in points])
+        ax.minorticks_off()
+        ax.set_xlabel("training concepts N")
+        ax.set_title(label, fontsize=10)
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("rate (fine-tuned, all strengths; 95% Wilson CI)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Scaling study — {result['model']} (logprob scoring, seed {result['seed']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [label for _, _, label in SWEEP_METRICS]
+    grids = result["grids"]
+    fig, axes = plt.subplots(len(grids), len(labels), figsize=(3.6 * len(labels), 3.2 * len(grids)), squeeze=False)
+    for row_axes, grid in zip(axes, grids):
+        for ax, label in zip(row_axes, labels):
+            values = [[r["rate"] for r in row[label]] for row in grid["rows"]]
+            image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for i, line in enumerate(values):
+                for j, v in enumerate(line):
+                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 0.5 else "black")
+            ax.set_xticks(range(len(result["strengths"])), result["strengths"], fontsize=8)
+            ax.set_yticks(range(len(result["layers"])), result["layers"], fontsize=8)
+            ax.set_xlabel("strength (× typical residual norm)", fontsize=8)
+            ax.set_ylabel(f"layer ({grid['vector_token']} vectors)", fontsize=8)
+            ax.set_title(label, fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="rate (%)")
+    fig.suptitle(f"Layer × strength — {result['model']} (fine-tuned per layer; logprob scoring, seed {result['seed']})",
+                 fontsize=10)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["scaling", "sweep", "controls"])
+    parser.add_argument("--model", default=ie.EMBEDDED_MODEL, help="model (see introspection_experiment.py --help)")
+    parser.add_argument("--points", type=int, nargs="+", default=None,
+                        help="numbers of training concepts (scaling: default 40 100 200 400 600; controls: default 40)")
+    parser.add_argument("--vector-tokens", nargs="+", default=["prompt-end", "word"], choices=["prompt-end", "word"])
+    parser.add_argument("--random-negatives", type=float, nargs="+", default=[0.0, 0.5],
+                        help="fractions of negatives with a random direction (scaling)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 16, 20, 24, 28], help="layers (sweep)")
+    parser.add_argument("--strengths", nargs="+", default=SWEEP_STRENGTHS, help="evaluation strengths (sweep)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default="runs/study", help="parent folder of the points' run directories")
+    parser.add_argument("--figures", default="figures", help="where the figure, JSON and table go")
+    return parser
+
+
+def main(argv=None) -> int:
+    ie.setup_logging()
+    args = build_parser().parse_args(argv)
+    args.points = args.points or ([40, 100, 200, 400, 600] if args.part == "scaling" else [40])
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    try:
+        {"scaling": scaling, "sweep": sweep, "controls": controls}[args.part](Study(args), args)
+    except ie.ConfigError as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
