@@ -6,15 +6,19 @@ directory under --runs, one model load shared by all points):
     python studies/generalization_study.py scaling    # held-out identification and random-vector detection vs N
     python studies/generalization_study.py sweep      # layer x strength grid (detection, identification)
     python studies/generalization_study.py controls   # the full controls battery for the main protocols
+    python studies/generalization_study.py summary    # the goal verdict from the scaling study's JSON
 
 scaling and sweep use the cheap logprob scoring (one teacher-forced pass per trial, the same verdicts as greedy
-generation); controls uses free generation, so that the yes/no questions and sampled controls are included.
-Outputs go to --figures: scaling_study.{png,json}, layer_strength_heatmap.{png,json}, controls_table.{md,json}.
+generation); controls uses free generation, so that the yes/no questions and sampled controls are included. Any
+other flag goes to the pipeline (see introspection_experiment.py --help; default --model smollm2-135m).
+Outputs go to --figures: scaling_study.{png,json}, layer_strength_heatmap.{png,json}, controls_table.{md,json},
+study_summary.md.
 Each part's single default point (N=40, prompt-end vectors, no random negatives, layer 20) is the default pipeline
 protocol and runs on a CPU, e.g. `scaling --points 40 --vector-tokens prompt-end --random-negatives 0`.
 """
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -40,21 +44,41 @@ def protocol_name(vector_token: str, random_negatives: float) -> str:
 
 
 class Study:
-    """Runs points of the study with one shared model; each point is resumable in its own directory."""
+    """Runs points of the study with one shared model (loaded on first need); each point is resumable in its own
+    directory, and a finished point (metrics.json beside the same config) is read back without loading anything."""
 
-    def __init__(self, args):
-        self.args, self.loaded = args, None
-        self.base = ie.Config(model=args.model, seed=args.seed, skip_safety=True)
+    def __init__(self, args, pipeline_args: list[str]):
+        self.args, self.loaded, self.hardware = args, None, set()
+        if "--model" not in pipeline_args:
+            pipeline_args = ["--model", ie.EMBEDDED_MODEL, *pipeline_args]
+        self.base = dataclasses.replace(ie.config_from_args(pipeline_args), skip_safety=True)
 
     def run(self, name: str, **overrides) -> dict:
         cfg = dataclasses.replace(self.base, output_dir=str(Path(self.args.runs) / name), **overrides)
         ie.validate_config(cfg)
-        self.loaded = self.loaded or ie.load_model(cfg)
-        return ie.run(cfg, self.loaded)
+        metrics = finished(cfg)
+        if metrics is None:
+            self.loaded = self.loaded or ie.load_model(cfg)
+            metrics = ie.run(cfg, self.loaded)
+        self.model = metrics["model"]
+        self.hardware.add(json.loads((Path(cfg.output_dir) / "environment.json").read_text())["gpu"] or "CPU")
+        return metrics
 
-    def label(self) -> str:
-        info = self.loaded[2]
-        return info["name"] + (" — RANDOM WEIGHTS" if info["random_weights"] else "")
+    def describe(self, args) -> dict:
+        """Model, hardware and seed of the points, for the figure titles and JSON."""
+        label = self.model["name"] + (" — RANDOM WEIGHTS" if self.model["random_weights"] else "")
+        return {"model": label, "hardware": sorted(self.hardware), "seed": self.base.seed}
+
+
+def finished(cfg: ie.Config) -> dict | None:
+    """The metrics of a finished run of exactly this config, or None."""
+    run_dir = Path(cfg.output_dir)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except OSError:
+        return None
+    return metrics if saved == dataclasses.asdict(cfg) and (cfg.skip_safety or "safety" in metrics) else None
 
 
 def scaling(study: Study, args) -> dict:
@@ -71,7 +95,7 @@ def scaling(study: Study, args) -> dict:
                                                            for split, metric, label in SCALING_METRICS}})
             curves.append({"vector_token": token, "random_negatives": fraction,
                            "name": protocol_name(token, fraction), "points": points})
-    result = {"model": study.label(), "scoring": "logprob", "seed": args.seed, "curves": curves}
+    result = {**study.describe(args), "scoring": "logprob", "curves": curves}
     plot_scaling(result, Path(args.figures) / "scaling_study.png")
     ie.write_json(Path(args.figures) / "scaling_study.json", result)
     return result
@@ -90,8 +114,8 @@ def sweep(study: Study, args) -> dict:
                          **{label: [finetuned_rate(m, split, metric, s) for s in args.strengths]
                             for split, metric, label in SWEEP_METRICS}})
         grids.append({"vector_token": token, "rows": rows})
-    result = {"model": study.label(), "scoring": "logprob", "seed": args.seed, "strengths": args.strengths,
-              "layers": args.layers, "grids": grids}
+    result = {**study.describe(args), "scoring": "logprob", "strengths": args.strengths, "layers": args.layers,
+              "grids": grids}
     plot_sweep(result, Path(args.figures) / "layer_strength_heatmap.png")
     ie.write_json(Path(args.figures) / "layer_strength_heatmap.json", result)
     return result
@@ -113,7 +137,7 @@ def controls(study: Study, args) -> dict:
             m = study.run(f"controls/{name}-n{n}", num_train_concepts=n, **overrides)
             rows.append({"protocol": protocol_name(m["settings"]["vector_token"], overrides.get("random_negatives", 0)),
                          "num_train_concepts": n, "results": m["results"]})
-    result = {"model": study.label(), "scoring": "generate", "seed": args.seed, "rows": rows}
+    result = {**study.describe(args), "scoring": "generate", "rows": rows}
     ie.write_json(Path(args.figures) / "controls_table.json", result)
     (Path(args.figures) / "controls_table.md").write_text(controls_table(result))
     return result
@@ -121,7 +145,8 @@ def controls(study: Study, args) -> dict:
 
 def controls_table(result: dict) -> str:
     """Markdown: for each protocol, base and fine-tuned rates of success and of every control (Wilson 95% CI)."""
-    lines = [f"Model: {result['model']}; free generation; all strengths pooled.", "",
+    lines = [f"Model: {result['model']} on {', '.join(result['hardware'])}; free generation; all strengths pooled; "
+             f"seed {result['seed']}.", "",
              "| protocol | N | model | seen success | held-out success | control FP | random-vector 'detection' "
              "| negated-vector 'detection' | 'yes' to always-no: no injection / injected "
              "| neither yes nor no: no injection / injected |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -135,6 +160,40 @@ def controls_table(result: dict) -> str:
                 f"| {ie.pct(yes_no['no_injection']['yes'])} / {ie.pct(yes_no['injected']['yes'])} "
                 f"| {ie.pct(yes_no['no_injection']['unanswered'])} / {ie.pct(yes_no['injected']['unanswered'])} |")
     return "\n".join(lines) + "\n"
+
+
+GOAL = {"held-out identification": (">=", 0.70), "random-vector 'detection'": ("<=", 0.10),
+        "control false positives": ("<=", 0.02)}  # issue #5's goal on the embedded model
+
+
+def meets(r: dict, goal: tuple[str, float]) -> bool:
+    op, bound = goal
+    return r["rate"] is not None and (r["rate"] >= bound if op == ">=" else r["rate"] <= bound)
+
+
+def summary(study: Study, args) -> str:
+    """The goal verdict, computed from the scaling study's JSON: every point with its three goal rates (Wilson 95%
+    CI) and whether the point estimates meet the goal; written to study_summary.md."""
+    result = json.loads((Path(args.figures) / "scaling_study.json").read_text())
+    lines = [f"Goal: held-out identification ≥ 70%, random-vector 'detection' ≤ 10%, control false positives ≤ 2% "
+             f"({result['model']} on {', '.join(result['hardware'])}, logprob scoring, seed {result['seed']}, all "
+             "strengths pooled; point estimates with Wilson 95% CIs).", "",
+             "| protocol | N | " + " | ".join(GOAL) + " | goal met |", "|---|---|" + "---|" * (len(GOAL) + 1)]
+    met = []
+    for curve in result["curves"]:
+        for point in curve["points"]:
+            ok = all(meets(point[name], goal) for name, goal in GOAL.items())
+            met += [f"{curve['name']}, N={point['num_train_concepts']}"] if ok else []
+            lines.append(f"| {curve['name']} | {point['num_train_concepts']} | "
+                         + " | ".join(ie.pct(point[name]) for name in GOAL) + f" | {'yes' if ok else 'no'} |")
+    best = max(((p["held-out identification"]["rate"], c["name"], p["num_train_concepts"]) for c in result["curves"]
+                for p in c["points"]), default=None)
+    verdict = (f"**Goal met** by: {'; '.join(met)}." if met else "**Goal not met** by any protocol and N tried.")
+    if best:
+        verdict += f" Highest held-out identification: {100 * best[0]:.0f}% ({best[1]}, N={best[2]})."
+    text = "\n".join(lines + ["", verdict]) + "\n"
+    (Path(args.figures) / "study_summary.md").write_text(text)
+    return text
 
 
 def plot_scaling(result: dict, path: Path) -> None:
@@ -161,7 +220,8 @@ def plot_scaling(result: dict, path: Path) -> None:
         ax.set_ylim(-0.03, 1.03)
     axes[0].set_ylabel("rate (fine-tuned, all strengths; 95% Wilson CI)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Scaling study — {result['model']} (logprob scoring, seed {result['seed']})", fontsize=10)
+    fig.suptitle(f"Scaling study — {result['model']} on {', '.join(result['hardware'])} (logprob scoring, "
+                 f"seed {result['seed']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -188,16 +248,15 @@ def plot_sweep(result: dict, path: Path) -> None:
             ax.set_ylabel(f"layer ({grid['vector_token']} vectors)", fontsize=8)
             ax.set_title(label, fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.6, label="rate (%)")
-    fig.suptitle(f"Layer × strength — {result['model']} (fine-tuned per layer; logprob scoring, seed {result['seed']})",
-                 fontsize=10)
+    fig.suptitle(f"Layer × strength — {result['model']} on {', '.join(result['hardware'])} (fine-tuned per layer; "
+                 f"logprob scoring, seed {result['seed']})", fontsize=10)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["scaling", "sweep", "controls"])
-    parser.add_argument("--model", default=ie.EMBEDDED_MODEL, help="model (see introspection_experiment.py --help)")
+    parser.add_argument("part", choices=["scaling", "sweep", "controls", "summary"])
     parser.add_argument("--points", type=int, nargs="+", default=None,
                         help="numbers of training concepts (scaling: default 40 100 200 400 600; controls: default 40)")
     parser.add_argument("--vector-tokens", nargs="+", default=["prompt-end", "word"], choices=["prompt-end", "word"])
@@ -205,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fractions of negatives with a random direction (scaling)")
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 16, 20, 24, 28], help="layers (sweep)")
     parser.add_argument("--strengths", nargs="+", default=SWEEP_STRENGTHS, help="evaluation strengths (sweep)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="runs/study", help="parent folder of the points' run directories")
     parser.add_argument("--figures", default="figures", help="where the figure, JSON and table go")
     return parser
@@ -213,11 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     ie.setup_logging()
-    args = build_parser().parse_args(argv)
+    args, pipeline_args = build_parser().parse_known_args(argv)
     args.points = args.points or ([40, 100, 200, 400, 600] if args.part == "scaling" else [40])
     Path(args.figures).mkdir(parents=True, exist_ok=True)
     try:
-        {"scaling": scaling, "sweep": sweep, "controls": controls}[args.part](Study(args), args)
+        {"scaling": scaling, "sweep": sweep, "controls": controls, "summary": summary}[args.part](
+            Study(args, pipeline_args), args)
     except ie.ConfigError as e:
         log.error("%s", e)
         return 2
