@@ -162,7 +162,7 @@ def format_table(result: dict) -> str:
                  f"{'':9} {'':9} {'':6} {result['peak_gib']:9.2f}")
     for t in result.get("throughput", []):
         lines.append(f"LoRA training at micro-batch {t['micro_batch']}: {t['step_ms']:.1f} ms/step, "
-                     f"{t['tokens_per_s']:.0f} tokens/s, MFU {100 * t['mfu']:.1f}%, peak {t['peak_gib']:.2f} GiB")
+                     f"{t['tokens_per_s']:.0f} tokens/s, MFU {100 * t['mfu']:.1f}%, peak {t['peak_gib'] or 0:.2f} GiB")
     return "\n".join(lines)
 
 
