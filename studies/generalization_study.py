@@ -78,7 +78,9 @@ def finished(cfg: ie.Config) -> dict | None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except OSError:
         return None
-    return metrics if saved == dataclasses.asdict(cfg) and (cfg.skip_safety or "safety" in metrics) else None
+    current = dataclasses.asdict(cfg)
+    same = all(saved.get(k) == v for k, v in current.items() if k != "output_dir")  # the folder may have moved
+    return metrics if same and (cfg.skip_safety or "safety" in metrics) else None
 
 
 def scaling(study: Study, args) -> dict:
@@ -191,6 +193,9 @@ def summary(study: Study, args) -> str:
     verdict = (f"**Goal met** by: {'; '.join(met)}." if met else "**Goal not met** by any protocol and N tried.")
     if best:
         verdict += f" Highest held-out identification: {100 * best[0]:.0f}% ({best[1]}, N={best[2]})."
+    fp_bound = max(p["control false positives"]["ci95"][1] for c in result["curves"] for p in c["points"])
+    verdict += (f" With {result['curves'][0]['points'][0]['control false positives']['n']} control trials per point, "
+                f"a false-positive rate of at most {100 * fp_bound:.0f}% is what the 95% CIs can establish.")
     text = "\n".join(lines + ["", verdict]) + "\n"
     (Path(args.figures) / "study_summary.md").write_text(text)
     return text
@@ -219,7 +224,7 @@ def plot_scaling(result: dict, path: Path) -> None:
         ax.set_title(label, fontsize=10)
         ax.set_ylim(-0.03, 1.03)
     axes[0].set_ylabel("rate (fine-tuned, all strengths; 95% Wilson CI)")
-    axes[0].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="center")
     fig.suptitle(f"Scaling study — {result['model']} on {', '.join(result['hardware'])} (logprob scoring, "
                  f"seed {result['seed']})", fontsize=10)
     fig.tight_layout()
@@ -233,24 +238,27 @@ def plot_sweep(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     labels = [label for _, _, label in SWEEP_METRICS]
     grids = result["grids"]
-    fig, axes = plt.subplots(len(grids), len(labels), figsize=(3.6 * len(labels), 3.2 * len(grids)), squeeze=False)
-    for row_axes, grid in zip(axes, grids):
-        for ax, label in zip(row_axes, labels):
+    fig, axes = plt.subplots(len(grids), len(labels), figsize=(3.6 * len(labels), 3.2 * len(grids)), squeeze=False,
+                             layout="constrained")
+    for r, (row_axes, grid) in enumerate(zip(axes, grids)):
+        for c, (ax, label) in enumerate(zip(row_axes, labels)):
             values = [[r["rate"] for r in row[label]] for row in grid["rows"]]
             image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
             for i, line in enumerate(values):
                 for j, v in enumerate(line):
                     ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
                             color="white" if v < 0.5 else "black")
-            ax.set_xticks(range(len(result["strengths"])), result["strengths"], fontsize=8)
+            ax.set_xticks(range(len(result["strengths"])), [s.rstrip("x") for s in result["strengths"]], fontsize=7)
             ax.set_yticks(range(len(result["layers"])), result["layers"], fontsize=8)
-            ax.set_xlabel("strength (× typical residual norm)", fontsize=8)
-            ax.set_ylabel(f"layer ({grid['vector_token']} vectors)", fontsize=8)
-            ax.set_title(label, fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="rate (%)")
+            if r == len(grids) - 1:
+                ax.set_xlabel("strength (× typical residual norm)", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"layer ({grid['vector_token']} vectors)", fontsize=9)
+            ax.set_title(f"{label} ({grid['vector_token']})", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="rate (cells: %)")
     fig.suptitle(f"Layer × strength — {result['model']} on {', '.join(result['hardware'])} (fine-tuned per layer; "
                  f"logprob scoring, seed {result['seed']})", fontsize=10)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 

@@ -22,9 +22,8 @@ NOTEBOOK = ROOT / "introspection_experiment.ipynb"
 
 @pytest.fixture(scope="module")
 def run():
-    metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
-    trials = ie.read_jsonl(ROOT / "figures" / "trials.jsonl")
-    benchmarks = [json.loads(p.read_text()) for p in ie.BENCHMARK_FILES]
+    metrics, trials, benchmarks, study = ie.paper_inputs(str(ROOT / "figures"))
+    assert trials is not None and len(benchmarks) == len(ie.BENCHMARK_FILES) and study is not None
     return metrics, trials, benchmarks
 
 
@@ -50,7 +49,7 @@ def both(result: dict, metric: str) -> tuple[int, int]:
 
 
 def test_committed_tables_are_generated_from_committed_results(run, tmp_path):
-    paths = ie.write_paper_tables(*run, tmp_path)
+    paths = ie.write_paper_tables(*run, tmp_path, ie.paper_inputs(str(ROOT / "figures"))[3])
     assert sorted(p.name for p in paths) == sorted(p.name for p in GENERATED.glob("*.tex"))
     for path in paths:
         assert (GENERATED / path.name).read_text() == path.read_text(), (

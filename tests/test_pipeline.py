@@ -333,7 +333,8 @@ def test_adapters_load_with_peft_and_skip_safety(tmp_path, caplog, tok):
 def test_readme_results_table_matches_committed_metrics():
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
     readme = (ROOT / "README.md").read_text()
-    for name, table in (("results", ie.results_table(metrics)), ("safety", ie.safety_table(metrics["safety"]["results"]))):
+    for name, table in (("results", ie.results_table(metrics)), ("safety", ie.safety_table(metrics["safety"]["results"])),
+                        ("capability", ie.capability_table(metrics["capability"]))):
         block = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", readme, re.S).group(1)
         assert block == table
 
@@ -374,3 +375,21 @@ def test_end_to_end_embedded_model(tmp_path, caplog):
     assert sum("do not detect" in t["response"] for t in finetuned) >= len(finetuned) // 2  # the task format was learned
     seen = [t for t in trials if t["state"] == "finetuned" and t["split"] == "seen"]
     assert sum(t["detected"] for t in seen) >= len(seen) // 2
+
+
+def test_seeds_run_each_seed_and_report_mean_and_sd(tmp_path, caplog):
+    out = tmp_path / "seeds"
+    args = TINY_ARGS + ["--concepts-file", concepts_file(tmp_path), "--skip-safety", "--seeds", "0", "1",
+                        "--output-dir", str(out)]
+    code, text = run_main(args, caplog)
+    assert code == 0, text
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["config"]["seeds"] is None
+    for seed in (0, 1):
+        metrics = json.loads((out / f"seed-{seed}" / "metrics.json").read_text())
+        assert metrics["settings"]["seed"] == seed
+        assert summary["metrics"]["seen success"]["values"][str(seed)] == ie.headline(metrics)["seen success"]
+    fp = summary["metrics"]["control false positives"]
+    values = list(fp["values"].values())
+    assert fp["mean"] == pytest.approx(sum(values) / 2) and fp["sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert "| perplexity change |" in (out / "seeds.md").read_text()
