@@ -1,4 +1,5 @@
 """The generalisation study driver on a tiny random model: points, figures, resume without reloading, verdict."""
+import dataclasses
 import json
 import re
 import sys
@@ -84,3 +85,17 @@ def test_committed_study_outputs_agree_with_their_json_and_the_readme(tmp_path):
     sweep = json.loads((figures / "layer_strength_heatmap.json").read_text())
     assert [g["vector_token"] for g in sweep["grids"]] == ["prompt-end", "word"]
     assert all(len(row["held-out identification"]) == len(sweep["strengths"]) for g in sweep["grids"] for row in g["rows"])
+
+
+def test_a_shared_model_gives_the_same_results_as_a_fresh_one(tmp_path, concepts):
+    """run(cfg, loaded) hands the model back without adapters: a point run after another equals a fresh run."""
+    base = ie.config_from_args(TINY + ["--concepts-file", concepts, "--skip-safety"])
+    first = dataclasses.replace(base, output_dir=str(tmp_path / "first"), random_negatives=0.5)
+    second = dataclasses.replace(base, output_dir=str(tmp_path / "second"), vector_token="word")
+    loaded = ie.load_model(first)
+    ie.run(first, loaded)
+    ie.run(second, loaded)
+    fresh = dataclasses.replace(second, output_dir=str(tmp_path / "fresh"))
+    ie.run(fresh)
+    assert ie.read_jsonl(tmp_path / "second" / "trials.jsonl") == ie.read_jsonl(tmp_path / "fresh" / "trials.jsonl")
+    assert not any("lora" in name for name, _ in loaded[0].named_modules())
