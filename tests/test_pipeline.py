@@ -339,6 +339,16 @@ def test_readme_results_table_matches_committed_metrics():
         assert block == table
 
 
+def test_committed_seed_summary_matches_its_json_and_the_readme():
+    summary = json.loads((ROOT / "figures" / "seeds.json").read_text())
+    table = ie.seeds_table(summary["metrics"], summary["seeds"])
+    assert table == (ROOT / "figures" / "seeds.md").read_text()
+    block = re.search(r"<!-- seeds:start -->\n(.*?)<!-- seeds:end -->", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert block == table
+    committed = ie.headline(json.loads((ROOT / "figures" / "metrics.json").read_text()))
+    assert {k: v["values"]["0"] for k, v in summary["metrics"].items()} == committed  # seed 0 = the committed run
+
+
 def test_committed_metrics_have_every_required_part():
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
     assert metrics["model"]["name"] == ie.EMBEDDED_MODEL and not metrics["model"]["random_weights"]
