@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--paper-tables-from", metavar="RUN", help=(
         "instead of running: regenerate paper/generated/*.tex (tables and macros of the LaTeX report) from a finished "
-        "run's directory or metrics.json (plus trials.jsonl beside it and benchmarks/*.json); nothing is recomputed"))
+        "run's directory or metrics.json (plus trials.jsonl and scaling_study.json beside it, and benchmarks/*.json); "
+        "nothing is recomputed"))
     return parser
 
 
