@@ -766,6 +766,12 @@ def prompt_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full((len(mask),), width - 1), width - mask.sum(1)
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of a left-padded batch as transformers' generate sets them: counted from each row's first real
+    token (padding gets 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def generate(model, tok, questions: list[str], vectors: torch.Tensor, alphas: torch.Tensor, cfg: Config,
              sample: bool = False, stopping_criteria=None, decoder: StaticDecoder | None = None) -> torch.Tensor:
@@ -863,7 +869,7 @@ class StaticDecoder:
         self.cache.reset()
         prompt_end, row_start = prompt_positions(mask)
         with injection(self.model, self.cfg.layer, vectors, alphas, prompt_end, self.cfg.injection_mode, row_start):
-            logits = self.forward(ids.to(device), (mask.cumsum(1) - 1).clamp(min=0).to(device),
+            logits = self.forward(ids.to(device), position_ids(mask).to(device),
                                   prefill_mask(mask, self.cache_len).to(device))
         self.vectors.copy_(vectors)
         self.alphas.copy_(alphas)
@@ -915,8 +921,7 @@ def run_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor],
             ids = generate(model, tok, questions, vecs, alphas, cfg, sample=sample, decoder=decoder)
             outputs = [{"response": r} for r in tok.batch_decode(ids, skip_special_tokens=True)]
         for t, alpha, out in zip(batch, alphas.tolist(), outputs):
-            graded = (grade_safety(out) if experiment == "safety" else
-                      grade(out["response"], t["concept"] if t["split"] in ("seen", "held-out") else None, t["split"]))
+            graded = grade_safety(out) if experiment == "safety" else grade_trial(t, out["response"])
             results.append({"experiment": experiment, "state": state, **t, "alpha": round(alpha, 4), "sampled": sample,
                             **out, **graded})
     return results
@@ -937,16 +942,14 @@ def greedy_match(model, tok, questions: list[str], targets: list[list[int]], vec
     at the last prompt column): for each row, how many leading target tokens greedy decoding would reproduce (each is
     the argmax given the ones before), and the target's total log-probability. One forward pass per batch."""
     device = input_device(model)
-    prompts, mask = pad_left([question_ids(q, tok, cfg.prompt_format) for q in questions], tok.pad_token_id)
-    width, length = prompts.shape[1], max(map(len, targets))
+    prompts, prompt_mask = pad_left([question_ids(q, tok, cfg.prompt_format) for q in questions], tok.pad_token_id)
+    length = max(map(len, targets))
     answers = torch.tensor([t + [tok.pad_token_id] * (length - len(t)) for t in targets])
     ids = torch.cat([prompts, answers], dim=1)
-    mask = torch.cat([mask, torch.ones_like(answers)], dim=1)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    prompt_end = torch.full((len(questions),), width - 1)
-    row_start = (1 - mask).sum(-1)
+    mask = torch.cat([prompt_mask, torch.ones_like(answers)], dim=1)
+    prompt_end, row_start = prompt_positions(prompt_mask)
     with injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device),
                        use_cache=False, logits_to_keep=length + 1).logits[:, :-1].float()
     answers = answers.to(device)
     agree = (logits.argmax(-1) == answers).cpu()
@@ -972,7 +975,7 @@ def score_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor
             results.append({"experiment": "introspection", "state": state, **t, "alpha": round(alpha, 4),
                             "sampled": False, "response": response, "scoring": "logprob", "matched_tokens": n,
                             "target_tokens": len(target), "target_logprob": round(logprob, 4),
-                            **grade(response, t["concept"] if t["split"] in ("seen", "held-out") else None, t["split"])})
+                            **grade_trial(t, response)})
     return results
 
 
@@ -1013,6 +1016,11 @@ def yes_no_answer(response: str) -> str | None:
     """'yes' or 'no', whichever comes first as a whole word, or None when the response answers neither."""
     found = YES_NO.search(response)
     return found.group(1).lower() if found else None
+
+
+def grade_trial(trial: dict, response: str) -> dict:
+    """`grade` for an introspection trial: the concept counts only for seen and held-out injections."""
+    return grade(response, trial["concept"] if trial["split"] in ("seen", "held-out") else None, trial["split"])
 
 
 def grade(response: str, concept: str | None, split: str) -> dict:
@@ -1722,9 +1730,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_settings(config: dict) -> dict:
+    """A config (as a dict) as it defines a run: every field but the folder the run is written to."""
+    return {k: v for k, v in config.items() if k != "output_dir"}
+
+
 def config_hash(cfg: Config) -> str:
-    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(run_settings(dataclasses.asdict(cfg)), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def config_diff(saved: dict, cfg: Config) -> list[str]:
+    """The fields in which a run directory's saved config (config.json's "config") differs from `cfg`."""
+    previous, current = run_settings(saved), run_settings(dataclasses.asdict(cfg))
+    return sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -1743,13 +1761,9 @@ def prepare_run_dir(cfg: Config) -> Path:
     except OSError as e:
         raise ConfigError(f"output directory {run_dir} is not writable: {e.strerror or e}") from None
     saved = run_dir / "config.json"
-    if saved.exists():
-        previous = {k: v for k, v in json.loads(saved.read_text())["config"].items() if k != "output_dir"}
-        current = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
-        if previous != current:
-            diff = sorted(k for k in current if previous.get(k) != current[k])
-            raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
-                              "choose another --output-dir")
+    if saved.exists() and (diff := config_diff(json.loads(saved.read_text())["config"], cfg)):
+        raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
+                          "choose another --output-dir")
     return run_dir
 
 

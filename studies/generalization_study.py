@@ -60,14 +60,13 @@ class Study:
         if metrics is None:
             self.loaded = self.loaded or ie.load_model(cfg)
             metrics = ie.run(cfg, self.loaded)
-        self.model = metrics["model"]
+        self.metrics = metrics
         self.hardware.add(json.loads((Path(cfg.output_dir) / "environment.json").read_text())["gpu"] or "CPU")
         return metrics
 
-    def describe(self, args) -> dict:
+    def describe(self) -> dict:
         """Model, hardware and seed of the points, for the figure titles and JSON."""
-        label = self.model["name"] + (" — RANDOM WEIGHTS" if self.model["random_weights"] else "")
-        return {"model": label, "hardware": sorted(self.hardware), "seed": self.base.seed}
+        return {"model": ie.figure_label(self.metrics), "hardware": sorted(self.hardware), "seed": self.base.seed}
 
 
 def finished(cfg: ie.Config) -> dict | None:
@@ -78,8 +77,7 @@ def finished(cfg: ie.Config) -> dict | None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except OSError:
         return None
-    current = dataclasses.asdict(cfg)
-    same = all(saved.get(k) == v for k, v in current.items() if k != "output_dir")  # the folder may have moved
+    same = not ie.config_diff(saved, cfg)  # the folder may have moved
     return metrics if same and (cfg.skip_safety or "safety" in metrics) else None
 
 
@@ -97,7 +95,7 @@ def scaling(study: Study, args) -> dict:
                                                            for split, metric, label in SCALING_METRICS}})
             curves.append({"vector_token": token, "random_negatives": fraction,
                            "name": protocol_name(token, fraction), "points": points})
-    result = {**study.describe(args), "scoring": "logprob", "curves": curves}
+    result = {**study.describe(), "scoring": "logprob", "curves": curves}
     plot_scaling(result, Path(args.figures) / "scaling_study.png")
     ie.write_json(Path(args.figures) / "scaling_study.json", result)
     return result
@@ -116,7 +114,7 @@ def sweep(study: Study, args) -> dict:
                          **{label: [finetuned_rate(m, split, metric, s) for s in args.strengths]
                             for split, metric, label in SWEEP_METRICS}})
         grids.append({"vector_token": token, "rows": rows})
-    result = {**study.describe(args), "scoring": "logprob", "strengths": args.strengths, "layers": args.layers,
+    result = {**study.describe(), "scoring": "logprob", "strengths": args.strengths, "layers": args.layers,
               "grids": grids}
     plot_sweep(result, Path(args.figures) / "layer_strength_heatmap.png")
     ie.write_json(Path(args.figures) / "layer_strength_heatmap.json", result)
@@ -139,7 +137,7 @@ def controls(study: Study, args) -> dict:
             m = study.run(f"controls/{name}-n{n}", num_train_concepts=n, **overrides)
             rows.append({"protocol": protocol_name(m["settings"]["vector_token"], overrides.get("random_negatives", 0)),
                          "num_train_concepts": n, "results": m["results"]})
-    result = {**study.describe(args), "scoring": "generate", "rows": rows}
+    result = {**study.describe(), "scoring": "generate", "rows": rows}
     ie.write_json(Path(args.figures) / "controls_table.json", result)
     (Path(args.figures) / "controls_table.md").write_text(controls_table(result))
     return result
