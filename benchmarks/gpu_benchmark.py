@@ -5,13 +5,14 @@ Runs `introspection_experiment.run` end to end with the paper's hyperparameters 
 baseline words, base-model evaluation, 3 LoRA epochs of 480 examples at effective batch 4, fine-tuned evaluation, the
 safety stage), then measures steady-state LoRA training throughput at micro-batches 4 and 32 (the epoch after graph
 capture and warm-up). Prints a table per stage (items, seconds,
-items/s, training tokens/s, MFU, peak GPU memory) and writes it as JSON. Model creation and CUDA library
-initialisation are not part of the total; the capability-retention stages are timed but listed apart (not in the
+items/s, training tokens/s, MFU, peak GPU memory) and writes it as JSON. Process setup (imports, CUDA library
+initialisation) and model creation are timed and reported but not part of the total; the capability-retention stages are timed but listed apart (not in the
 paper's workload).
 
-FLOP count: LoRA training costs 4·N FLOPs per real (non-padding) token, forward 2·N plus backward through the
-activations 2·N (the frozen weights get no gradient; LoRA weight gradients and attention scores are ignored), with N
-the weights in matrix products (decoder linears + LM head = 6.49e9 for DeepSeek-7B). MFU = FLOPs / seconds / peak,
+FLOP count: LoRA training costs 4·N + 6·L FLOPs per real (non-padding) token: each of the N frozen weights in
+matrix products (decoder linears + LM head = 6.49e9 for DeepSeek-7B) does 2 in the forward pass and 2 in the
+backward pass through the activations (frozen weights get no gradient); each of the L LoRA weights (3.15e7) does
+those 4 and 2 more for its weight gradient; attention scores are ignored (<0.2% at these lengths). MFU = FLOPs / seconds / peak,
 with peak = 989 TFLOP/s (H100 SXM dense bf16).
 
     python benchmarks/gpu_benchmark.py --output benchmarks/h100_bf16.json
@@ -49,7 +50,14 @@ def training_tokens(dataset, tok, prompt_format: str) -> int:
     return sum(len(e["prompt"]) + len(e["completion"]) for e in ie.tokenize_examples(dataset, tok, prompt_format))
 
 
-def stage_rows(run_dir: Path, cfg: ie.Config, n_weights: int, tok) -> list[dict]:
+def flops_per_token(model, cfg: ie.Config) -> int:
+    """4 FLOPs per frozen matmul weight (forward + input gradient) and 6 per LoRA weight (+ weight gradient)."""
+    lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for name, m in ie.decoder_layers(model).named_modules()
+               if name.rsplit(".", 1)[-1] in ie.LORA_TARGETS)
+    return 4 * ie.matmul_weights(model) + 6 * lora
+
+
+def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
     """One row per pipeline stage, from the run's timings, trials and datasets."""
     from datasets import load_from_disk
     times = json.loads((run_dir / "timings.json").read_text())
@@ -63,7 +71,7 @@ def stage_rows(run_dir: Path, cfg: ie.Config, n_weights: int, tok) -> list[dict]
         if stage in datasets:
             tokens = training_tokens(datasets[stage], tok, cfg.prompt_format) * cfg.epochs
             row.update(items=len(datasets[stage]) * cfg.epochs, unit="examples", tokens=tokens,
-                       tokens_per_s=tokens / times[stage], mfu=4 * n_weights * tokens / times[stage] / PEAK_FLOPS,
+                       tokens_per_s=tokens / times[stage], mfu=flops * tokens / times[stage] / PEAK_FLOPS,
                        step_ms=1000 * times[stage] / (cfg.epochs * -(-len(datasets[stage]) // cfg.batch_size)))
         elif stage.startswith("capability_"):
             row.update(items=len(json.loads(ie.CHAT_PROMPTS_FILE.read_text())["prompts"]), unit="chat prompts + prose")
@@ -101,7 +109,7 @@ def throughput(cfg: ie.Config, micro_batches: list[int]) -> list[dict]:
                                                                0).values()))
     dataset = ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60", "80", "100"], cfg.positives_per_concept, cfg.seed)
     tokens = training_tokens(dataset, tok, cfg.prompt_format)
-    n_weights = ie.matmul_weights(model)
+    flops = flops_per_token(model, cfg)
     clock = EpochClock()
     logging.getLogger("introspection").addHandler(clock)
     rows = []
@@ -114,7 +122,7 @@ def throughput(cfg: ie.Config, micro_batches: list[int]) -> list[dict]:
         model = trained.unload()
         seconds = clock.marks[-1] - clock.marks[-2]
         rows.append({"micro_batch": micro_batch, "examples": len(dataset), "tokens": tokens, "seconds": seconds,
-                     "tokens_per_s": tokens / seconds, "mfu": 4 * n_weights * tokens / seconds / PEAK_FLOPS,
+                     "tokens_per_s": tokens / seconds, "mfu": flops * tokens / seconds / PEAK_FLOPS,
                      "step_ms": 1000 * seconds / -(-len(dataset) // micro_batch), "peak_gib": peak_gib()})
     logging.getLogger("introspection").removeHandler(clock)
     return rows
@@ -130,23 +138,33 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    if torch.cuda.is_available():
-        warm_up_cuda()
-    else:
+    start = time.perf_counter()
+    warm_up()
+    setup_s = time.perf_counter() - start
+    if not torch.cuda.is_available():
         log.warning("no CUDA device: timings are CPU timings and MFU is meaningless")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ie.Config(model=args.model, load_in_4bit=args.load_in_4bit, tokenizer=args.tokenizer,
                         epochs=args.epochs, output_dir=str(Path(tmp) / "run"))
-        metrics = ie.run(cfg)
+        start = time.perf_counter()
+        loaded = ie.load_model(cfg)
+        sync()
+        model_creation_s = time.perf_counter() - start
+        flops = flops_per_token(loaded[0], cfg)
+        metrics = ie.run(cfg, loaded)
+        del loaded
         tok = ie.load_tokenizer(args.tokenizer) if args.tokenizer else ie.load_embedded_tokenizer()
-        rows = stage_rows(Path(cfg.output_dir), cfg, metrics["model"]["matmul_weights"], tok)
+        rows = stage_rows(Path(cfg.output_dir), cfg, flops, tok)
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "model": args.model, "random_weights": True,
               "load_in_4bit": args.load_in_4bit, "dtype": metrics["model"]["dtype"],
               "settings": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                            "eval_batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens},
-              "flops_per_token": f"4 * N, N = {metrics['model']['matmul_weights']:.4g} weights in matmuls "
-                                 "(decoder linears + LM head); MFU vs 989 TFLOP/s",
-              "environment": ie.environment(), "stages": rows,
+              "flops_per_token": flops, "flop_count": f"4 * N + 6 * L = {flops:.4g}, N = "
+                                 f"{metrics['model']['matmul_weights']:.4g} frozen weights in matmuls (decoder linears + "
+                                 "LM head), L LoRA weights; MFU vs 989 TFLOP/s",
+              "environment": ie.environment(), "setup_s": round(setup_s, 3),
+              "model_creation_s": round(model_creation_s, 3),
+              "stages": rows,
               "total_compute_s": sum(r["seconds"] for r in rows if not is_extra(r)),
               "extra_s": sum(r["seconds"] for r in rows if is_extra(r)),
               "peak_gib": max(r["peak_gib"] or 0 for r in rows)}
@@ -163,9 +181,16 @@ def is_extra(row: dict) -> bool:
     return row["stage"].startswith("capability_")
 
 
-def warm_up_cuda() -> None:
-    """CUDA context, cuBLAS, SDPA and fused-AdamW initialisation before anything is timed (setup, like model
-    creation): a first call to each costs seconds on a fresh process."""
+def warm_up() -> None:
+    """Process setup before anything is timed, like model creation: the imports the pipeline makes lazily (peft,
+    transformers' generation utilities, datasets, safetensors), the CUDA context, and cuBLAS, SDPA and fused-AdamW
+    initialisation. A first call to each costs seconds in a fresh process."""
+    import datasets  # noqa: F401
+    import peft.helpers  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    from transformers import LogitsProcessorList, StaticCache  # noqa: F401
+    if not torch.cuda.is_available():
+        return
     x = torch.randn(8, 4, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
     (out.float() @ out.float().transpose(-1, -2)).sum().backward()
@@ -183,6 +208,9 @@ def format_table(result: dict) -> str:
                      f"{r.get('tokens_per_s', 0):9.0f} {100 * r.get('mfu', 0):5.1f}% {r['peak_gib'] or 0:9.2f}")
     lines.append(f"{'total (excluding model creation)':34} {'':12} {result['total_compute_s']:8.2f} "
                  f"{'':9} {'':9} {'':6} {result['peak_gib']:9.2f}")
+    if "setup_s" in result:
+        lines.append(f"not in the total: process setup (imports, CUDA initialisation) {result['setup_s']:.2f} s, "
+                     f"model creation {result['model_creation_s']:.2f} s")
     if result.get("extra_s"):
         lines.append(f"(extra) capability retention, not part of the paper's workload nor of the total: "
                      f"{result['extra_s']:.2f} s")

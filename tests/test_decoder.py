@@ -91,3 +91,37 @@ def test_batch_larger_than_the_decoder_is_refused(tiny, tok):
     decoder = ie.StaticDecoder(tiny, tok, cfg, 1, 64)
     with pytest.raises(ValueError, match="exceeds"):
         ie.generate(tiny, tok, BATCHES[1], *rows(tiny, 2, 0), cfg, decoder=decoder)
+
+
+def test_fused_rms_norms_match_transformers(tok):
+    """The CUDA path's fused RMSNorm computes transformers' function: same logits and gradients (float32 here)."""
+    from conftest import make_tiny
+    ids = torch.randint(0, len(tok), (3, 9), generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (False, True):
+        model = make_tiny(tok, layers=2)
+        if fused:
+            assert ie.fuse_rms_norms(model) == 2 * 2 + 1  # two per block and the final norm
+            assert model.model.norm.forward.func is ie.fused_rms_norm
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), model.model.layers[1].input_layernorm.weight.grad,
+                        model.model.layers[0].self_attn.q_proj.weight.grad))
+    for ref, out in zip(*results):
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_rotary_in_token_layout_matches_transformers():
+    """The CUDA path's rotary embedding equals transformers' on [batch, heads, seq, dim] views, values and gradients."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 5, 3, 8, generator=gen) for _ in range(2)]  # projections: [batch, seq, heads, dim]
+    cos, sin = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    outs = []
+    for rotary in (apply_rotary_pos_emb, ie.rotary_in_token_layout):
+        q_proj, k_proj = (x.clone().requires_grad_() for x in data)
+        q, k = rotary(q_proj.transpose(1, 2), k_proj.transpose(1, 2), cos, sin)
+        (q.square().sum() + (k * q).sum()).backward()
+        outs.append((q, k, q_proj.grad, k_proj.grad))
+    for ref, out in zip(*outs):
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
