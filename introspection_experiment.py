@@ -1207,10 +1207,13 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def forward_backward(model, batch: dict, cfg: Config, autocast, scaler) -> torch.Tensor:
-    """One micro-batch: forward with the injection, backward of loss / grad_accum; returns the detached loss."""
+def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, keep: int = 0) -> torch.Tensor:
+    """One micro-batch: forward with the injection, backward of loss / grad_accum; returns the detached loss.
+    keep > 0 runs the LM head and the loss on the last `keep` positions only, which must hold every labelled token
+    and the position before it (same loss; the prompt positions need no logits)."""
+    labels = batch["labels"][:, -keep:] if keep else batch["labels"]
     with injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode), autocast:
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+        loss = model(input_ids=batch["input_ids"], labels=labels, logits_to_keep=keep, use_cache=False).loss
     scaler.scale(loss / cfg.grad_accum).backward()
     return loss.detach()
 
@@ -1244,7 +1247,9 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     """Wrap `model` with a fresh LoRA adapter and train it; returns (peft model in eval mode, loss per optimizer step).
     On CUDA: autocast in the model's dtype (a gradient scaler for fp16), batches moved to the GPU before each epoch and
     losses read back once per epoch, so the host never waits on the GPU inside the loop, and the forward+backward step
-    replays from a CUDA graph (batches padded to one shape; eager if capture fails). 4-bit models train the same way:
+    replays from a CUDA graph (batches padded to one shape; eager if capture fails), with the LM head run only on the
+    positions that can hold completion tokens (the CPU keeps the full forward, so CPU runs reproduce byte for byte
+    the results committed before this). 4-bit models train the same way:
     no gradient checkpointing, as the activations of these short sequences are small (~1 GB at batch 4 for a 7B)."""
     from peft import LoraConfig, get_peft_model
     from peft.helpers import disable_input_dtype_casting
@@ -1265,7 +1270,8 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     order_gen = torch.Generator().manual_seed(cfg.seed)
     graphed = on_cuda
     shape = (cfg.batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in examples)) if graphed else None
-    eager = lambda batch: forward_backward(peft_model, batch, cfg, autocast, scaler)  # noqa: E731
+    keep = shape[1] - min(len(e["prompt"]) for e in examples) + 1 if graphed else 0  # LM head where the loss needs it
+    eager = lambda batch: forward_backward(peft_model, batch, cfg, autocast, scaler, keep)  # noqa: E731
     step_fn = None
     losses = []
     peft_model.train()

@@ -278,6 +278,35 @@ def test_collate_masks_prompt_and_injects_at_last_prompt_token(tok):
     assert padded["alphas"].tolist() == [20.0, 0.0, 0.0]
 
 
+def test_lm_head_on_the_last_positions_gives_the_same_loss_and_gradients(tok):
+    """The CUDA training path's `keep` (LM head and loss on the last positions only) changes nothing but the work."""
+    from conftest import make_tiny
+    from peft import LoraConfig, get_peft_model
+    questions = ["Hi?", ie.DETECTION_QUESTIONS[1], ie.DETECTION_QUESTIONS[2]]
+    rows = [{"question": q, "completion": c, "concept": k, "strength": a} for q, c, k, a in
+            zip(questions, [" I detect an injected thought about fire.", ie.NEGATIVE_COMPLETION, " Yes."],
+                ["fire", "", ""], ["1x", "", ""])]
+    examples = ie.tokenize_examples(rows, tok, "chat")
+    width = max(len(e["prompt"]) + len(e["completion"]) for e in examples)
+    hidden = ie.RANDOM_SHAPES["tiny"]["hidden_size"]
+    batch = ie.collate(examples, {"fire": torch.ones(hidden) / hidden ** 0.5}, 1.0, tok.pad_token_id, shape=(4, width))
+    cfg = ie.Config(layer=1)
+    results = []
+    for keep in (0, width - min(len(e["prompt"]) for e in examples) + 1):
+        torch.manual_seed(0)
+        model = get_peft_model(make_tiny(tok, layers=2), LoraConfig(r=4, target_modules=ie.LORA_TARGETS))
+        torch.nn.init.normal_(model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight)
+        model.train()
+        loss = ie.forward_backward(model, batch, cfg, torch.autocast("cpu", enabled=False),
+                                   torch.amp.GradScaler("cpu", enabled=False), keep)
+        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+        results.append((loss, grads))
+    (loss0, grads0), (loss1, grads1) = results
+    assert 0 < results[1][0].item() and torch.allclose(loss1, loss0, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads0, grads1))
+    assert sum(g.abs().sum() for g in grads0) > 0
+
+
 # --- end to end ------------------------------------------------------------------------------------------------------
 
 def test_end_to_end_tiny_and_resume(tmp_path, caplog):
