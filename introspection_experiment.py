@@ -1207,13 +1207,15 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, keep: int = 0) -> torch.Tensor:
+def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, keep: torch.Tensor | None = None) -> torch.Tensor:
     """One micro-batch: forward with the injection, backward of loss / grad_accum; returns the detached loss.
-    keep > 0 runs the LM head and the loss on the last `keep` positions only, which must hold every labelled token
-    and the position before it (same loss; the prompt positions need no logits)."""
-    labels = batch["labels"][:, -keep:] if keep else batch["labels"]
+    `keep` (consecutive positions) runs the LM head and the loss on those positions only; they must hold every
+    labelled token and the position before it (same loss; the prompt positions need no logits). An index tensor,
+    not a slice: the gathered hidden states are contiguous, so the LM head is one matrix product."""
+    labels = batch["labels"] if keep is None else batch["labels"][:, keep]
     with injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode), autocast:
-        loss = model(input_ids=batch["input_ids"], labels=labels, logits_to_keep=keep, use_cache=False).loss
+        loss = model(input_ids=batch["input_ids"], labels=labels, logits_to_keep=0 if keep is None else keep,
+                     use_cache=False).loss
     scaler.scale(loss / cfg.grad_accum).backward()
     return loss.detach()
 
@@ -1270,7 +1272,8 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     order_gen = torch.Generator().manual_seed(cfg.seed)
     graphed = on_cuda
     shape = (cfg.batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in examples)) if graphed else None
-    keep = shape[1] - min(len(e["prompt"]) for e in examples) + 1 if graphed else 0  # LM head where the loss needs it
+    keep = (torch.arange(min(len(e["prompt"]) for e in examples) - 1, shape[1], device=device) if graphed
+            else None)  # the LM head only where the loss needs it
     eager = lambda batch: forward_backward(peft_model, batch, cfg, autocast, scaler, keep)  # noqa: E731
     step_fn = None
     losses = []

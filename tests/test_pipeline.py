@@ -292,7 +292,7 @@ def test_lm_head_on_the_last_positions_gives_the_same_loss_and_gradients(tok):
     batch = ie.collate(examples, {"fire": torch.ones(hidden) / hidden ** 0.5}, 1.0, tok.pad_token_id, shape=(4, width))
     cfg = ie.Config(layer=1)
     results = []
-    for keep in (0, width - min(len(e["prompt"]) for e in examples) + 1):
+    for keep in (None, torch.arange(min(len(e["prompt"]) for e in examples) - 1, width)):
         torch.manual_seed(0)
         model = get_peft_model(make_tiny(tok, layers=2), LoraConfig(r=4, target_modules=ie.LORA_TARGETS))
         torch.nn.init.normal_(model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight)
