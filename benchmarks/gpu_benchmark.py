@@ -176,6 +176,28 @@ def main() -> int:
     return 0
 
 
+TARGETS = {"total_s": 30.0, "mfu_32": 0.35, "peak_gib_bf16": 20.0, "peak_gib_4bit": 10.0}
+
+
+def targets_line(results: list[dict]) -> str:
+    """The targets of the GPU issue against these runs: every bf16 run's total and MFU at micro-batch 32, and the peak
+    memory of each precision."""
+    bf16 = [r for r in results if not r["load_in_4bit"]]
+    nf4 = [r for r in results if r["load_in_4bit"]]
+    mfu = [t["mfu"] for r in bf16 for t in r.get("throughput", []) if t["micro_batch"] == 32]
+
+    def check(name, values, limit, above=False, fmt="{:.1f}"):
+        ok = values and all(v >= limit if above else v <= limit for v in values)
+        return f"{name} {'≥' if above else '≤'} {fmt.format(limit)}: {', '.join(fmt.format(v) for v in values)} " \
+               f"{'met' if ok else 'NOT met'}"
+
+    return "targets: " + "; ".join([
+        check("bf16 total s", [r["total_compute_s"] for r in bf16], TARGETS["total_s"]),
+        check("bf16 MFU at micro-batch 32 %", [100 * m for m in mfu], 100 * TARGETS["mfu_32"], above=True),
+        check("bf16 peak GiB", [r["peak_gib"] for r in bf16], TARGETS["peak_gib_bf16"]),
+        check("4-bit peak GiB", [r["peak_gib"] for r in nf4], TARGETS["peak_gib_4bit"])])
+
+
 def is_extra(row: dict) -> bool:
     """Stages beyond the paper's workload (capability retention), timed but kept out of the total."""
     return row["stage"].startswith("capability_")

@@ -13,8 +13,8 @@ STAGES = {"concept_vectors", "eval_introspection_base", "train", "eval_introspec
 EXTRA = {"capability_base", "capability_finetuned"}  # timed, not part of the paper's workload
 
 
-def results():
-    return [json.loads((ROOT / "benchmarks" / f"{name}.json").read_text()) for name in ("h100_bf16", "h100_4bit")]
+def results(names=("h100_bf16", "h100_4bit")):
+    return [json.loads((ROOT / "benchmarks" / f"{name}.json").read_text()) for name in names]
 
 
 def test_benchmarks_cover_every_stage_and_say_random_weights():
@@ -33,4 +33,11 @@ def test_benchmarks_cover_every_stage_and_say_random_weights():
 def test_readme_benchmark_table_matches_the_json():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- benchmark:start -->\n```\n(.*?)\n```\n<!-- benchmark:end -->", readme, re.S).group(1)
-    assert block == "\n\n".join(gb.format_table(r) for r in results())
+    runs = results(("h100_bf16", "h100_4bit", "h100_bf16_rerun"))
+    assert block == "\n\n".join(gb.format_table(r) for r in runs) + "\n\n" + gb.targets_line(runs)
+
+
+def test_targets_line_says_not_met_when_one_run_misses():
+    runs = results(("h100_bf16", "h100_4bit", "h100_bf16_rerun"))
+    slow = {**runs[2], "total_compute_s": 30.5}
+    assert f"bf16 total s ≤ 30.0: {runs[0]['total_compute_s']:.1f}, 30.5 NOT met" in gb.targets_line([runs[0], runs[1], slow])
