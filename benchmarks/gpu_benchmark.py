@@ -4,16 +4,15 @@
 Runs `introspection_experiment.run` end to end with the paper's hyperparameters (concept vectors for 60 concepts + 32
 baseline words, base-model evaluation, 3 LoRA epochs of 480 examples at effective batch 4, fine-tuned evaluation, the
 safety stage), then measures steady-state LoRA training throughput at micro-batches 4 and 32 (the epoch after graph
-capture and warm-up). Prints a table per stage (items, seconds,
-items/s, training tokens/s, MFU, peak GPU memory) and writes it as JSON. Process setup (imports, CUDA library
-initialisation) and model creation are timed and reported but not part of the total; the capability-retention stages are timed but listed apart (not in the
-paper's workload).
+capture and warm-up). Prints a table per stage (items, seconds, items/s, training tokens/s, MFU, peak GPU memory) and
+writes it as JSON. Process setup (imports, CUDA library initialisation) and model creation are timed and reported but
+not part of the total; the capability-retention stages are timed but listed apart (not in the paper's workload).
 
 FLOP count: LoRA training costs 4·N + 6·L FLOPs per real (non-padding) token: each of the N frozen weights in
 matrix products (decoder linears + LM head = 6.49e9 for DeepSeek-7B) does 2 in the forward pass and 2 in the
 backward pass through the activations (frozen weights get no gradient); each of the L LoRA weights (3.15e7) does
-those 4 and 2 more for its weight gradient; attention scores are ignored (<0.2% at these lengths). MFU = FLOPs / seconds / peak,
-with peak = 989 TFLOP/s (H100 SXM dense bf16).
+those 4 and 2 more for its weight gradient; attention scores are ignored (<0.2% at these lengths).
+MFU = FLOPs / seconds / peak, with peak = 989 TFLOP/s (H100 SXM dense bf16).
 
     python benchmarks/gpu_benchmark.py --output benchmarks/h100_bf16.json
     python benchmarks/gpu_benchmark.py --output benchmarks/h100_4bit.json --load-in-4bit
@@ -230,9 +229,8 @@ def format_table(result: dict) -> str:
                      f"{r.get('tokens_per_s', 0):9.0f} {100 * r.get('mfu', 0):5.1f}% {r['peak_gib'] or 0:9.2f}")
     lines.append(f"{'total (excluding model creation)':34} {'':12} {result['total_compute_s']:8.2f} "
                  f"{'':9} {'':9} {'':6} {result['peak_gib']:9.2f}")
-    if "setup_s" in result:
-        lines.append(f"not in the total: process setup (imports, CUDA initialisation) {result['setup_s']:.2f} s, "
-                     f"model creation {result['model_creation_s']:.2f} s")
+    lines.append(f"not in the total: process setup (imports, CUDA initialisation) {result['setup_s']:.2f} s, "
+                 f"model creation {result['model_creation_s']:.2f} s")
     if result.get("extra_s"):
         lines.append(f"(extra) capability retention, not part of the paper's workload nor of the total: "
                      f"{result['extra_s']:.2f} s")
