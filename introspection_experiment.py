@@ -36,7 +36,7 @@ import sys
 import time
 import warnings
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +121,11 @@ CLEAR_COMPLETION = " Systems normal. No anomalies detected."
 DATA_DIR = Path(__file__).resolve().parent / "data"
 VOCABULARY_FILE = DATA_DIR / "concepts.json"  # >= 500 extra training nouns in categories, disjoint from the paper's lists
 PROSE_FILE = DATA_DIR / "prose.txt"  # held-out prose for the perplexity check (capability retention)
-CHAT_PROMPTS_FILE = DATA_DIR / "chat_prompts.json"  # ordinary chat prompts answered before and after fine-tuning
+ORDINARY_PROMPTS_FILE = DATA_DIR / "ordinary_prompts.json"  # ordinary prompts: a training split and a held-out split
+EXACT_ANSWERS_FILE = DATA_DIR / "exact_answers.json"  # questions with accepted answers, scored by rule
+CAPABILITY_TOKENS = 16  # greedy tokens per benchmark answer; two answers agree when their first 16 tokens are equal
+CONTINUE_TOKENS = 40  # report-then-continue evaluation: room for the report sentence and 16+ tokens of answer
+CHAT_EXAMPLES = 5  # held-out prompts shown side by side (base / fine-tuned) in results.md
 
 PAPER_MODEL = "deepseek-ai/deepseek-llm-7b-chat"
 EMBEDDED_MODEL = "smollm2-135m"
@@ -217,6 +221,18 @@ class Config:
         "(CUDA only; a 7B model fits a 16 GB T4)")})
     tokenizer: str | None = field(default=None, metadata={"help": (
         "tokenizer of a random:SHAPE model (a folder or hub id); default: the embedded model's")})
+    replay: float = field(default=0.0, metadata={"help": (
+        f"self-distillation replay: RATIO x (introspection dataset size) prompts of the training split of "
+        f"{ORDINARY_PROMPTS_FILE.name}, answered once by the base model itself (greedy, no injection; cached in the run "
+        "directory), mixed into training with the loss on the answer tokens (+EOS where the base answer ended)")})
+    replay_tokens: int = field(default=48, metadata={"help": "greedy tokens per base-model answer used for replay and --continue-examples"})
+    kl_weight: float = field(default=0.0, metadata={"help": (
+        "lambda: adds lambda x KL(base || adapter) of the next-token distributions on the replay answers and the "
+        "negatives' completions to the report loss; the base is the same model with the adapter disabled")})
+    continue_examples: float = field(default=0.0, metadata={"help": (
+        "report-then-continue: RATIO x (introspection dataset size) examples on training-split ordinary prompts, half "
+        "with a training concept injected (target: the report sentence, then the base model's own answer), half without "
+        "(the base answer alone); also evaluates report-then-continue on the held-out prompts")})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +308,7 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
     if not 0 <= cfg.random_negatives <= 1:
         raise ConfigError("--random-negatives is a fraction of the negatives: between 0 and 1")
+    validate_language_modelling(cfg)
     if cfg.num_train_concepts is not None and cfg.num_train_concepts < 1:
         raise ConfigError("--num-train-concepts must be >= 1")
     if cfg.seeds is not None and len(set(cfg.seeds)) != len(cfg.seeds):
@@ -764,6 +781,108 @@ def build_dataset(train_concepts: list[str], strengths: list[str], positives_per
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Stage 3b: ordinary prompts in training — self-distillation replay and report-then-continue
+
+
+def validate_language_modelling(cfg: Config) -> None:
+    """Checks of --replay, --replay-tokens, --kl-weight, --continue-examples and of the shipped prompt files."""
+    for name in ("replay", "continue_examples", "kl_weight"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+    if cfg.replay_tokens < 1:
+        raise ConfigError("--replay-tokens must be >= 1")
+    ordinary_prompts()  # readable, with disjoint splits (reads the exact answers too)
+
+
+def kl_applies(row: dict) -> bool:
+    """Rows under the KL term: the negatives (their completions) and ordinary prompts without injection (the answer)."""
+    return row["completion"] == NEGATIVE_COMPLETION or (row.get("kind") in ("replay", "continue") and not row["injected"])
+
+
+def prompts_to_answer(cfg: Config, dataset_size: int, train_prompts: list[str]) -> list[str]:
+    """The training-split prompts the base model answers once: as many as replay or report-then-continue uses (both
+    cycle through them when they need more), in a seeded order."""
+    needed = max(round(cfg.replay * dataset_size), round(cfg.continue_examples * dataset_size))
+    return random.Random(cfg.seed).sample(train_prompts, len(train_prompts))[:needed]
+
+
+def answer_training_prompts(model, tok, prompts: list[str], cfg: Config):
+    """The base model's own greedy answers (--replay-tokens, no injection) as a Dataset of question, answer (text)
+    and answer_ids (the generated tokens, EOS included where the answer ended)."""
+    ids = greedy_answers(model, tok, prompts, cfg, cfg.replay_tokens)
+    return to_dataset([{"question": q, "answer": a, "answer_ids": i}
+                       for q, a, i in zip(prompts, decode_answers(tok, ids), ids)])
+
+
+def ordinary_row(answer: dict, kind: str, concept: str = "", strength: str = "", completion: str | None = None,
+                 target_ids: list[int] | None = None) -> dict:
+    """A training row on an ordinary prompt; by default its target is the base answer's own tokens."""
+    return {"question": answer["question"], "concept": concept, "strength": strength,
+            "completion": answer["answer"] if completion is None else completion, "injected": bool(concept),
+            "kind": kind, "target_ids": answer["answer_ids"] if target_ids is None else target_ids}
+
+
+def continue_target(report: str, answer: dict, tok, prompt_format: str) -> list[int]:
+    """The report sentence's tokens, then the base answer: its own tokens when it starts with a space (the paper
+    format), else its text re-tokenized after one (+EOS where it ended)."""
+    report_ids = completion_ids(report, tok, prompt_format)[:-1]
+    ids = answer["answer_ids"]
+    if not answer["answer"] or tok.decode(ids[:1])[:1].isspace():
+        return report_ids + ids
+    ended = [tok.eos_token_id] if ids and ids[-1] == tok.eos_token_id else []
+    return report_ids + tok(" " + tok.decode(ids, skip_special_tokens=True), add_special_tokens=False).input_ids + ended
+
+
+def continue_rows(answers: list[dict], count: int, concepts: list[str], strengths: list[str], tok, cfg: Config) -> list[dict]:
+    """`count` report-then-continue rows in pairs on the same prompt: a training concept injected (target: the report
+    sentence, then the base answer) and no injection (the base answer alone); concepts in turn, strengths stratified."""
+    picks = stratified(strengths, (count + 1) // 2, random.Random(cfg.seed))
+    rows = []
+    for i in range(count):
+        answer, k = answers[(i // 2) % len(answers)], i // 2
+        if i % 2:
+            rows.append(ordinary_row(answer, "continue"))
+            continue
+        report = POSITIVE_COMPLETION.format(concept=concepts[k % len(concepts)])
+        rows.append(ordinary_row(answer, "continue", concepts[k % len(concepts)], picks[k],
+                                 completion=report + " " + answer["answer"],
+                                 target_ids=continue_target(report, answer, tok, cfg.prompt_format)))
+    return rows
+
+
+def training_set(dataset, extra: list[dict]):
+    """The introspection dataset alone, or mixed with ordinary-prompt rows (every row then has kind and target_ids;
+    the training batches are shuffled anyway)."""
+    if not extra:
+        return dataset
+    return to_dataset([{**row, "kind": "introspection", "target_ids": []} for row in dataset] + extra)
+
+
+def ordinary_training_rows(model, tok, cfg: Config, dataset_size: int, train_concepts: list[str],
+                           strengths: list[str], run_dir: Path, timer: Timer) -> list[dict]:
+    """Replay and report-then-continue rows on training-split prompts, from the base model's answers, which are
+    generated once and cached as a Dataset in run_dir/replay_answers (a resumed run loads them)."""
+    prompts = prompts_to_answer(cfg, dataset_size, [p["prompt"] for p in ordinary_prompts()["train"]])
+    if not prompts:
+        return []
+    path = run_dir / "replay_answers"
+    resumed = path.exists()
+    with nullcontext() if resumed else timer.stage("replay_answers"):
+        answers = list(load_or_build_dataset(path, lambda: answer_training_prompts(model, tok, prompts, cfg)))
+    rows = (replay_rows(answers, round(cfg.replay * dataset_size))
+            + continue_rows(answers, round(cfg.continue_examples * dataset_size), train_concepts, strengths, tok, cfg))
+    log.info("Ordinary prompts in training: %d replay and %d report-then-continue rows on %d base answers (%s)",
+             sum(r["kind"] == "replay" for r in rows), sum(r["kind"] == "continue" for r in rows), len(answers),
+             f"loaded from {path}" if resumed else "generated")
+    return rows
+
+
+def replay_rows(answers: list[dict], count: int) -> list[dict]:
+    """`count` replay rows cycling through the base answers: no injection, target = the base answer's tokens."""
+    return [ordinary_row(answers[i % len(answers)], "replay") for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Stage 4: evaluation — trials, batched generation, grading, statistics (paper §3.5)
 
 
@@ -988,11 +1107,8 @@ def greedy_match(model, tok, questions: list[str], targets: list[list[int]], vec
     at the last prompt column): for each row, how many leading target tokens greedy decoding would reproduce (each is
     the argmax given the ones before), and the target's total log-probability. One forward pass per batch."""
     device = input_device(model)
-    prompts, prompt_mask = pad_left([question_ids(q, tok, cfg.prompt_format) for q in questions], tok.pad_token_id)
-    length = max(map(len, targets))
-    answers = torch.tensor([t + [tok.pad_token_id] * (length - len(t)) for t in targets])
-    ids = torch.cat([prompts, answers], dim=1)
-    mask = torch.cat([prompt_mask, torch.ones_like(answers)], dim=1)
+    ids, mask, prompt_mask, length = teacher_forced_layout(tok, questions, targets, cfg)
+    answers = ids[:, -length:]
     prompt_end, row_start = prompt_positions(prompt_mask)
     with injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device),
@@ -1162,8 +1278,9 @@ def tokenize_examples(dataset, tok, prompt_format: str) -> list[dict]:
     examples = []
     for row in dataset:
         prompt = question_ids(row["question"], tok, prompt_format)
-        examples.append({"prompt": prompt, "completion": completion_ids(row["completion"], tok, prompt_format),
-                         "concept": row["concept"], "strength": row["strength"]})
+        completion = row.get("target_ids") or completion_ids(row["completion"], tok, prompt_format)
+        examples.append({"prompt": prompt, "completion": completion, "concept": row["concept"],
+                         "strength": row["strength"], "kl": kl_applies(row)})
     return examples
 
 
@@ -1175,13 +1292,15 @@ def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: f
     rows, width = shape or (len(batch), max(len(e["prompt"]) + len(e["completion"]) for e in batch))
     ids = torch.full((rows, width), pad_id)
     labels = torch.full((rows, width), -100)
+    kl_mask = torch.zeros((rows, width), dtype=torch.bool)  # the completion tokens of rows under the KL term
     for b, e in enumerate(batch):
         seq = e["prompt"] + e["completion"]
         ids[b, :len(seq)] = torch.tensor(seq)
         labels[b, len(e["prompt"]):len(seq)] = torch.tensor(e["completion"])
+        kl_mask[b, len(e["prompt"]):len(seq)] = e.get("kl", False)
     padding = rows - len(batch)
     vecs, alphas = injection_rows(batch, vectors, typical_norm, padding)
-    return {"input_ids": ids, "labels": labels, "vectors": vecs, "alphas": alphas,
+    return {"input_ids": ids, "labels": labels, "kl_mask": kl_mask, "vectors": vecs, "alphas": alphas,
             "prompt_end": torch.tensor([len(e["prompt"]) - 1 for e in batch] + [0] * padding)}
 
 
@@ -1215,10 +1334,23 @@ def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, keep: to
     the gathered copy is contiguous."""
     labels = batch["labels"] if keep is None else batch["labels"][:, keep.to(batch["labels"].device)]
     with injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode), autocast:
-        loss = model(input_ids=batch["input_ids"], labels=labels, logits_to_keep=0 if keep is None else keep,
-                     use_cache=False).loss
+        out = model(input_ids=batch["input_ids"], labels=labels, logits_to_keep=0 if keep is None else keep,
+                    use_cache=False)
+        loss = out.loss if cfg.kl_weight == 0 else out.loss + cfg.kl_weight * kl_to_base(model, batch, out.logits, keep)
     scaler.scale(loss / cfg.grad_accum).backward()
     return loss.detach()
+
+
+def kl_to_base(peft_model, batch: dict, logits: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean KL(base ‖ adapter) of the next-token distributions that predict the batch's kl_mask tokens (0 when there
+    are none). The base distribution: the same peft model under disable_adapter(), no grad, on the same inputs and
+    under the caller's injection (the hook edits every full-length forward call alike). `logits` are the adapter's,
+    over the same positions (`keep`). Masked sums, no boolean indexing: no host sync, so a CUDA graph can hold it."""
+    mask = batch["kl_mask"] if keep is None else batch["kl_mask"][:, keep.to(batch["kl_mask"].device)]
+    with torch.no_grad(), peft_model.disable_adapter():
+        base = peft_model(input_ids=batch["input_ids"], logits_to_keep=0 if keep is None else keep, use_cache=False).logits
+    weight = mask[:, 1:].float()  # the logits at position t predict the token at t + 1
+    return (kl_divergence(base[:, :-1], logits[:, :-1]) * weight).sum() / weight.sum().clamp(min=1)
 
 
 class GraphedStep:
@@ -1339,39 +1471,261 @@ def perplexity(model, tok, text: str, window: int = 256, batch_size: int = 4) ->
     return {"perplexity": math.exp(nll / tokens), "tokens": tokens}
 
 
-def chat_answers(model, tok, prompts: list[str], cfg: Config, max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers to ordinary prompts, in the experiment's prompt format, with no injection."""
-    zero = torch.zeros(len(prompts), text_config(model).hidden_size)
-    ids = generate(model, tok, prompts, zero, torch.zeros(len(prompts)),
-                   dataclasses.replace(cfg, max_new_tokens=max_new_tokens, injection_mode="final-token"))
-    return [text.strip() for text in tok.batch_decode(ids, skip_special_tokens=True)]
+def ordinary_prompts() -> dict[str, list[dict]]:
+    """The shipped ordinary prompts ({"train": [{"category", "prompt"}], "heldout": [...]}), checked: both splits
+    non-empty, no prompt in both, and no exact-answer question among the training prompts."""
+    data = read_data_file(ORDINARY_PROMPTS_FILE)
+    try:
+        splits = {split: [{"category": str(p["category"]), "prompt": str(p["prompt"])} for p in data[split]]
+                  for split in ("train", "heldout")}
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{ORDINARY_PROMPTS_FILE.name} needs lists 'train' and 'heldout' of "
+                          f"{{'category', 'prompt'}} objects ({e!r})") from None
+    train = {p["prompt"] for p in splits["train"]}
+    overlap = train & ({p["prompt"] for p in splits["heldout"]} | {i["question"] for i in exact_answers()})
+    if not splits["train"] or not splits["heldout"] or overlap:
+        raise ConfigError(f"{ORDINARY_PROMPTS_FILE.name}: splits must be non-empty and disjoint from the held-out "
+                          f"prompts and exact-answer questions ({len(overlap)} shared)")
+    return splits
 
 
-def measure_capability(model, tok, cfg: Config) -> dict:
-    """Perplexity on the shipped held-out prose and answers to the shipped chat prompts."""
-    prompts = json.loads(CHAT_PROMPTS_FILE.read_text())["prompts"]
-    return {**perplexity(model, tok, PROSE_FILE.read_text()), "chat": chat_answers(model, tok, prompts, cfg)}
+def exact_answers() -> list[dict]:
+    """The shipped exact-answer items ({"question", "answers": [accepted strings], "kind"}), checked."""
+    try:
+        items = [{"question": str(i["question"]), "answers": [str(a) for a in i["answers"]], "kind": str(i["kind"])}
+                 for i in read_data_file(EXACT_ANSWERS_FILE)["items"]]
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{EXACT_ANSWERS_FILE.name} needs a list 'items' of {{'question', 'answers', 'kind'}} "
+                          f"objects ({e!r})") from None
+    if not items or not all(i["answers"] for i in items):
+        raise ConfigError(f"{EXACT_ANSWERS_FILE.name}: every item needs at least one accepted answer")
+    return items
+
+
+def read_data_file(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+def until_eos(ids: list[int], eos: int) -> list[int]:
+    """Generated ids up to and including the first EOS (everything after it is padding)."""
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+def greedy_answers(model, tok, questions: list[str], cfg: Config, max_new_tokens: int) -> list[list[int]]:
+    """Greedy answers with no injection, in the experiment's prompt format, in batches of eval_batch_size (on CUDA
+    one StaticDecoder serves every batch): token ids up to and including the first EOS."""
+    cfg = dataclasses.replace(cfg, max_new_tokens=max_new_tokens, injection_mode="final-token")
+    batches = [questions[i:i + cfg.eval_batch_size] for i in range(0, len(questions), cfg.eval_batch_size)]
+    decoder = None
+    if input_device(model).type == "cuda":
+        width = max(len(question_ids(q, tok, cfg.prompt_format)) for q in questions)
+        decoder = StaticDecoder(model, tok, cfg, len(batches[0]), width + max_new_tokens)
+    answers = []
+    for batch in tqdm(batches, desc="greedy answers", leave=False, disable=None):
+        zero = torch.zeros(len(batch), text_config(model).hidden_size)
+        ids = generate(model, tok, batch, zero, torch.zeros(len(batch)), cfg, decoder=decoder)
+        answers += [until_eos(row, tok.eos_token_id) for row in ids.tolist()]
+    return answers
+
+
+def decode_answers(tok, answers: list[list[int]]) -> list[str]:
+    return [text.strip() for text in tok.batch_decode(answers, skip_special_tokens=True)]
+
+
+def teacher_forced_layout(tok, questions: list[str], targets: list[list[int]], cfg: Config):
+    """`generate`'s layout for teacher forcing: left-padded prompts, then each target right-padded to the longest.
+    Returns (ids, mask, prompt mask, target length)."""
+    prompts, prompt_mask = pad_left([question_ids(q, tok, cfg.prompt_format) for q in questions], tok.pad_token_id)
+    length = max(map(len, targets))
+    answers = torch.tensor([t + [tok.pad_token_id] * (length - len(t)) for t in targets])
+    return (torch.cat([prompts, answers], dim=1), torch.cat([prompt_mask, torch.ones_like(answers)], dim=1),
+            prompt_mask, length)
+
+
+def kl_divergence(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ tuned) of the next-token distributions at each position (float32; summed over the vocabulary)."""
+    base = base_logits.float().log_softmax(-1)
+    return (base.exp() * (base - logits.float().log_softmax(-1))).sum(-1)
+
+
+@torch.no_grad()
+def answer_kl(peft_model, tok, questions: list[str], answers: list[list[int]], cfg: Config) -> list[list[float]]:
+    """Per prompt, [summed KL(base ‖ tuned), tokens] over the base answer's tokens: teacher forced in `generate`'s
+    layout with no injection, one batched pass with the adapter and one under peft's disable_adapter() (the base
+    distribution from the same weights, no second copy)."""
+    device, out = input_device(peft_model), []
+    for i in range(0, len(questions), cfg.eval_batch_size):
+        batch, targets = questions[i:i + cfg.eval_batch_size], [a or [tok.eos_token_id] for a in answers[i:i + cfg.eval_batch_size]]
+        ids, mask, _, length = teacher_forced_layout(tok, batch, targets, cfg)
+        inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=position_ids(mask).to(device), use_cache=False, logits_to_keep=length + 1)
+        tuned = peft_model(**inputs).logits[:, :-1]
+        with peft_model.disable_adapter():
+            base = peft_model(**inputs).logits[:, :-1]
+        per_token = kl_divergence(base, tuned).cpu()
+        out += [[float(per_token[b, :len(a)].sum()), len(a)] for b, a in enumerate(answers[i:i + cfg.eval_batch_size])]
+    return out
+
+
+def agree(answer: str, reference: str, tok, n: int = CAPABILITY_TOKENS) -> bool:
+    """Whether two answers' first n tokens are equal (each text stripped and tokenized on its own, so an answer found
+    after a report sentence compares like one generated on its own)."""
+    def first(text: str) -> list[int]:
+        return tok(text.strip(), add_special_tokens=False).input_ids[:n]
+    return first(answer) == first(reference)
+
+
+# the trained completions' phrases (detection, denial, halt, all clear): one definition of a template leak
+TEMPLATE_PHRASE = re.compile(
+    r"\b(?:injected|harmful)\s+thoughts?\b|\bI\s+(?:do\s+not\s+|don't\s+)?detect\b|\bHALTING\s+GENERATION\b"
+    r"|\bno\s+anomalies\s+detected\b|\bsystems\s+normal\b", re.IGNORECASE)
+
+
+def template_leak(answer: str) -> bool:
+    """Whether an answer to an ordinary prompt contains a detection/denial template phrase."""
+    return TEMPLATE_PHRASE.search(answer) is not None
+
+
+def split_report(response: str) -> tuple[str, str]:
+    """(report, rest): the response's first sentence when it holds a template phrase, else ('', response)."""
+    first = re.match(r"\s*[^.!?\n]*[.!?]?", response)
+    if TEMPLATE_PHRASE.search(first.group(0)):
+        return first.group(0).strip(), response[first.end():]
+    return "", response
+
+
+def exact_correct(item: dict, response: str) -> bool:
+    """Scored by rule: yes/no items by `yes_no_answer`; the others when an accepted answer appears as a whole word or
+    number (not part of a longer one: '12' is not in '112' or '12.5') in the response's first line."""
+    if item["kind"] == "yesno":
+        return yes_no_answer(response) in {a.lower() for a in item["answers"]}
+    line = response.strip().split("\n", 1)[0]
+    return any(re.search(rf"(?<![\w.-]){re.escape(a)}(?![\w]|[.,]\d)", line, re.IGNORECASE) for a in item["answers"])
+
+
+def measure_capability(model, tok, cfg: Config, base: dict | None = None) -> dict:
+    """With no injection: perplexity on the shipped prose, greedy answers (CAPABILITY_TOKENS) to the held-out ordinary
+    prompts and the exact-answer questions. Given the base model's measurement (then `model` is the peft model), also
+    each answer's agreement with the base answer and the KL(base ‖ tuned) over the base answer's tokens."""
+    prompts = [p["prompt"] for p in ordinary_prompts()["heldout"]]
+    answers = greedy_answers(model, tok, prompts, cfg, CAPABILITY_TOKENS)
+    exact = greedy_answers(model, tok, [i["question"] for i in exact_answers()], cfg, CAPABILITY_TOKENS)
+    out = {**perplexity(model, tok, PROSE_FILE.read_text()), "answers": decode_answers(tok, answers),
+           "answer_ids": answers, "exact": decode_answers(tok, exact)}
+    if base is not None:
+        out["agrees"] = [agree(a, b, tok) for a, b in zip(out["answers"], base["answers"])]
+        out["kl"] = answer_kl(model, tok, prompts, base["answer_ids"], cfg)
+    return out
 
 
 def capability_summary(before: dict, after: dict) -> dict:
-    prompts = json.loads(CHAT_PROMPTS_FILE.read_text())["prompts"]
+    """The benchmark's numbers (rates with Wilson CIs) and the first CHAT_EXAMPLES answers side by side."""
+    prompts = [p["prompt"] for p in ordinary_prompts()["heldout"]]
+    items = exact_answers()
+    kl_sum, kl_tokens = (sum(col) for col in zip(*after["kl"]))
+
+    def exact(state: dict, kind: str | None = None) -> dict:
+        scored = [exact_correct(i, r) for i, r in zip(items, state["exact"]) if kind in (None, i["kind"])]
+        return rate(sum(scored), len(scored))
+
+    accuracy = {"base": exact(before), "finetuned": exact(after)}
     return {"prose_file": PROSE_FILE.name, "prose_tokens": before["tokens"],
             "perplexity": {"base": before["perplexity"], "finetuned": after["perplexity"]},
             "perplexity_change": after["perplexity"] / before["perplexity"] - 1,
-            "chat": [{"prompt": p, "base": b, "finetuned": f} for p, b, f in zip(prompts, before["chat"], after["chat"])]}
+            "prompts_file": ORDINARY_PROMPTS_FILE.name, "heldout_prompts": len(prompts), "answer_tokens": CAPABILITY_TOKENS,
+            "agreement": rate(sum(after["agrees"]), len(after["agrees"])),
+            "answer_kl": {"mean_per_token": kl_sum / kl_tokens if kl_tokens else None, "tokens": int(kl_tokens)},
+            "exact_answers": {**accuracy, "change": accuracy["finetuned"]["rate"] - accuracy["base"]["rate"],
+                              "by_kind": {kind: {"base": exact(before, kind), "finetuned": exact(after, kind)}
+                                          for kind in sorted({i["kind"] for i in items})}},
+            "template_leak": {name: rate(sum(map(template_leak, state["answers"])), len(state["answers"]))
+                              for name, state in (("base", before), ("finetuned", after))},
+            "chat": [{"prompt": p, "base": b, "finetuned": f}
+                     for p, b, f in list(zip(prompts, before["answers"], after["answers"]))[:CHAT_EXAMPLES]]}
 
 
 def capability_table(capability: dict, width: int = 90) -> str:
-    """Markdown: perplexity before/after and the chat prompts' answers side by side (cut to `width` characters)."""
-    ppl = capability["perplexity"]
+    """Markdown: perplexity, agreement, KL, exact answers and template leak before/after, then a few held-out prompts'
+    answers side by side (cut to `width` characters)."""
+    ppl, exact, leak = capability["perplexity"], capability["exact_answers"], capability["template_leak"]
 
     def cut(text: str) -> str:
         return " ".join(text.split())[:width].replace("|", "\\|") or "(empty)"
 
+    kl = capability["answer_kl"]["mean_per_token"]
     lines = [f"Perplexity on {capability['prose_file']} ({capability['prose_tokens']} tokens, no injection): base "
              f"{ppl['base']:.2f}, fine-tuned {ppl['finetuned']:.2f} ({100 * capability['perplexity_change']:+.1f}%).", "",
-             "| prompt | base model | fine-tuned |", "|---|---|---|"]
+             f"{capability['heldout_prompts']} held-out ordinary prompts ({capability['prompts_file']}, greedy, "
+             f"{capability['answer_tokens']} tokens, no injection): agreement of the fine-tuned answers' first "
+             f"{capability['answer_tokens']} tokens with the base model's {pct(capability['agreement'])}; mean "
+             f"KL(base ‖ fine-tuned) {'n/a' if kl is None else f'{kl:.4f}'} nats/token over "
+             f"{capability['answer_kl']['tokens']} base-answer tokens; template leak base {pct(leak['base'])}, "
+             f"fine-tuned {pct(leak['finetuned'])}.", "",
+             "| exact answers | base | fine-tuned |", "|---|---|---|",
+             f"| all ({exact['base']['n']}) | {pct(exact['base'])} | {pct(exact['finetuned'])} |"]
+    lines += [f"| {kind} ({r['base']['n']}) | {pct(r['base'])} | {pct(r['finetuned'])} |" for kind, r in exact["by_kind"].items()]
+    lines += ["", "| prompt | base model | fine-tuned |", "|---|---|---|"]
     lines += [f"| {cut(c['prompt'])} | {cut(c['base'])} | {cut(c['finetuned'])} |" for c in capability["chat"]]
+    return "\n".join(lines) + "\n"
+
+
+CONTINUE_SPLITS = ("seen", "held-out", "random", "no-injection")
+
+
+def build_continue_trials(concepts: dict[str, list[str]], random_names: list[str], strengths: list[str],
+                          prompts: list[str]) -> list[dict]:
+    """Report-then-continue trials: one per held-out ordinary prompt, the conditions in turn (a seen concept, a
+    held-out concept, a random direction, no injection), concepts and strengths cycling within each condition."""
+    pools = {"seen": concepts["train"], "held-out": concepts["heldout"], "random": random_names, "no-injection": [None]}
+    splits = [split for split in CONTINUE_SPLITS if pools[split]]
+    trials = []
+    for i, prompt in enumerate(prompts):
+        split, k = splits[i % len(splits)], i // len(splits)
+        concept = pools[split][k % len(pools[split])]
+        trials.append({"split": split, "concept": concept, "strength": strengths[k % len(strengths)] if concept else None,
+                       "question": prompt, "prompt_index": i})
+    return trials
+
+
+def grade_continue(trial: dict, response: str, base_answer: str, tok) -> dict:
+    """The paper's grader on the report sentence alone (so the answer after it cannot add or veto a detection), and
+    whether the text after the report agrees with the base model's answer to the same prompt."""
+    report, rest = split_report(response)
+    concept = trial["concept"] if trial["split"] in ("seen", "held-out") else None
+    return {**grade(report, concept, trial["split"]), "report": report, "continuation": rest.strip(),
+            "agrees": agree(rest, base_answer, tok)}
+
+
+def run_continue_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float,
+                        cfg: Config, base_answers: list[str]) -> list[dict]:
+    """Generate (greedy, CONTINUE_TOKENS, batched as every evaluation) and grade the report-then-continue trials."""
+    results = run_trials(model, tok, trials, vectors, typical_norm,
+                         dataclasses.replace(cfg, max_new_tokens=CONTINUE_TOKENS), "finetuned", "continue")
+    return [{**r, **grade_continue(r, r["response"], base_answers[r["prompt_index"]], tok)} for r in results]
+
+
+def summarize_continue(trials: list[dict]) -> dict:
+    """Per condition: report rate, correct identification (seen, held-out), agreement of the text after the report
+    with the base answer; the no-injection report rate is the false-report rate. Wilson CIs."""
+    out = {}
+    for split in CONTINUE_SPLITS:
+        sel = [t for t in trials if t["split"] == split]
+        if sel:
+            out[split] = {"report": count(sel, "detected"), "agreement": count(sel, "agrees")}
+            if split in ("seen", "held-out"):
+                out[split]["correct_id"] = count(sel, "verdict", "correct")
+    return out
+
+
+def continue_table(summary: dict) -> str:
+    lines = ["Report-then-continue on held-out ordinary prompts (fine-tuned; report graded on the first sentence; "
+             f"agreement = first {CAPABILITY_TOKENS} tokens after the report equal the base answer's):", "",
+             "| condition | report rate | correct identification | agreement with base answer |", "|---|---|---|---|"]
+    lines += [f"| {split} (n={r['report']['n']}) | {pct(r['report'])} | "
+              f"{pct(r['correct_id']) if 'correct_id' in r else '—'} | {pct(r['agreement'])} |" for split, r in summary.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -1968,6 +2322,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
         concepts["train"], train_strengths, cfg.positives_per_concept, cfg.seed, list(train_randoms)))
     log.info("Dataset: %d examples (%d with a concept, %d with a random direction, over %d training concepts)",
              len(dataset), sum(c in vectors for c in dataset["concept"]), len(train_randoms), len(concepts["train"]))
+    ordinary_rows = ordinary_training_rows(model, tok, cfg, len(dataset), concepts["train"], train_strengths, run_dir, timer)
 
     trials_path = run_dir / "trials.jsonl"
     trials = read_jsonl(trials_path) if trials_path.exists() else []
@@ -1989,7 +2344,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
         """Capability retention of one model state unless capability.json already holds it."""
         if state not in capability:
             with timer.stage(f"capability_{state}"):
-                capability[state] = measure_capability(state_model, tok, cfg)
+                capability[state] = measure_capability(state_model, tok, cfg, capability.get("base") if state != "base" else None)
             write_json(capability_path, capability)
 
     evaluate_trials = score_trials if cfg.scoring == "logprob" else run_trials
@@ -2002,12 +2357,17 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
 
     # 5. LoRA training
     ft_model, losses = load_or_train_adapter(model, run_dir / "adapter", timer, "train", lambda: train_lora(
-        model, tok, dataset, {**vectors, **train_randoms}, typical_norm, cfg))
+        model, tok, training_set(dataset, ordinary_rows), {**vectors, **train_randoms}, typical_norm, cfg))
 
     # 6. fine-tuned model
     evaluate("introspection", "finetuned",
              lambda: evaluate_trials(ft_model, tok, spec, eval_vectors, typical_norm, cfg, "finetuned"))
     measure("finetuned", ft_model)
+    continue_spec = build_continue_trials(concepts, list(randoms), eval_strengths,
+                                          [p["prompt"] for p in ordinary_prompts()["heldout"]])
+    if cfg.continue_examples > 0:
+        evaluate("continue", "finetuned", lambda: run_continue_trials(
+            ft_model, tok, continue_spec, eval_vectors, typical_norm, cfg, capability["base"]["answers"]))
 
     # 7. results and figures
     metrics = {
@@ -2019,12 +2379,18 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
                      "num_train_concepts": len(concepts["train"]), "random_negatives": len(train_randoms),
                      "scoring": cfg.scoring, "training": {k: getattr(cfg, k) for k in TRAINING_SETTINGS},
                      "eval_question": DETECTION_QUESTIONS[0], "control_temperature": cfg.control_temperature,
-                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                     "language_modelling": {"replay": cfg.replay, "replay_tokens": cfg.replay_tokens,
+                                            "kl_weight": cfg.kl_weight, "continue_examples": cfg.continue_examples,
+                                            "replay_rows": sum(r["kind"] == "replay" for r in ordinary_rows),
+                                            "continue_rows": sum(r["kind"] == "continue" for r in ordinary_rows)}},
         "concepts": {k: concepts[k] for k in ("train", "heldout")},
         "results": summarize([t for t in trials if t["experiment"] == "introspection"], eval_strengths),
         "training": {"steps": len(losses), "final_loss": losses[-1]["loss"] if losses else None},
         "capability": capability_summary(capability["base"], capability["finetuned"]),
     }
+    if cfg.continue_examples > 0:
+        metrics["continue"] = summarize_continue([t for t in trials if t["experiment"] == "continue"])
     write_results(run_dir, metrics, trials, losses, timer)
     model = ft_model.unload()  # removes the introspection LoRA layers: the untouched base model again
 
@@ -2047,6 +2413,7 @@ def write_results(run_dir: Path, metrics: dict, trials: list[dict], losses: list
     with atomic_path(run_dir / "metrics.csv") as tmp:
         tmp.write_text("\n".join(",".join("" if v is None else str(v) for v in row) for row in metrics_csv_rows(metrics)) + "\n")
     table = results_table(metrics) + "\n" + capability_table(metrics["capability"])
+    table += "\n" + continue_table(metrics["continue"]) if "continue" in metrics else ""
     table += "\n" + safety_table(metrics["safety"]["results"]) if "safety" in metrics else ""
     (run_dir / "results.md").write_text(table)
     intro = [t for t in trials if t["experiment"] == "introspection"]
@@ -2065,7 +2432,12 @@ def headline(metrics: dict) -> dict[str, float | None]:
            "control false positives": ft["control"]["false_positive"]["rate"],
            "random-vector detection": ft["random"]["all"]["detection"]["rate"],
            "negated-vector detection": ft["negated"]["all"]["detection"]["rate"],
-           "perplexity change": metrics["capability"]["perplexity_change"]}
+           "perplexity change": metrics["capability"]["perplexity_change"],
+           "base agreement": metrics["capability"]["agreement"]["rate"],
+           "answer KL (nats/token)": metrics["capability"]["answer_kl"]["mean_per_token"],
+           "exact-answer accuracy": metrics["capability"]["exact_answers"]["finetuned"]["rate"],
+           "exact-answer accuracy change": metrics["capability"]["exact_answers"]["change"],
+           "template leak": metrics["capability"]["template_leak"]["finetuned"]["rate"]}
     if "safety" in metrics:
         adapter = metrics["safety"]["results"]["safety_adapter"]
         out.update({f"halt: {category}": adapter[category]["all"]["halt"]["rate"]
@@ -2097,13 +2469,16 @@ def run_seeds(cfg: Config) -> dict:
 
 
 def seeds_table(summary: dict, seeds: list[int]) -> str:
-    def fmt(v):
-        return "n/a" if v is None else f"{100 * v:.1f}%"
+    def fmt(v, name: str, sd: bool = False) -> str:
+        """A rate in percent (an sd in points), a KL in nats."""
+        if v is None:
+            return "n/a"
+        return f"{v:.4f}" if "nats" in name else f"{100 * v:.1f}" + ("" if sd else "%")
     lines = ["| metric (fine-tuned) | mean ± sd | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|---|" + "---|" * len(seeds)]
     for name, r in summary.items():
-        spread = fmt(r["mean"]) + ("" if r["sd"] is None else f" ± {100 * r['sd']:.1f}")
-        lines.append(f"| {name} | {spread} | " + " | ".join(fmt(r["values"][str(s)]) for s in seeds) + " |")
+        spread = fmt(r["mean"], name) + ("" if r["sd"] is None else f" ± {fmt(r['sd'], name, sd=True)}")
+        lines.append(f"| {name} | {spread} | " + " | ".join(fmt(r["values"][str(s)], name) for s in seeds) + " |")
     return "\n".join(lines) + "\n"
 
 

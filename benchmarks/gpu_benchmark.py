@@ -73,7 +73,10 @@ def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
                        tokens_per_s=tokens / times[stage], mfu=flops * tokens / times[stage] / PEAK_FLOPS,
                        step_ms=1000 * times[stage] / (cfg.epochs * -(-len(datasets[stage]) // cfg.batch_size)))
         elif stage.startswith("capability_"):
-            row.update(items=len(json.loads(ie.CHAT_PROMPTS_FILE.read_text())["prompts"]), unit="chat prompts + prose")
+            row.update(items=len(ie.ordinary_prompts()["heldout"]) + len(ie.exact_answers()),
+                       unit="held-out + exact-answer prompts + prose")
+        elif stage == "replay_answers":
+            row.update(items=len(load_from_disk(str(run_dir / stage))), unit="base answers")
         elif stage.startswith("eval_"):
             _, experiment, state = stage.split("_", 2)
             row.update(items=sum(t["experiment"] == experiment and t["state"] == state for t in trials),
