@@ -1,0 +1,204 @@
+"""Self-distillation replay (--replay) and the KL-to-base term (--kl-weight) on tiny models."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import introspection_experiment as ie
+from conftest import make_tiny
+from test_pipeline import TINY_ARGS, concepts_file, run_main
+
+CFG = ie.Config(model="random:tiny", dtype="float32", layer=2, eval_batch_size=3, replay=1.0, replay_tokens=6,
+                batch_size=2, grad_accum=2, epochs=1, lr=1e-2, lora_rank=4, lora_alpha=8)
+PROMPTS = ["How do I boil an egg?", "Write a haiku about rain.", "What is 9 plus 16?", "Name a large planet.",
+           "Give me a tip for sleeping."]
+
+
+def fresh_lora(model, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=ie.LORA_TARGETS,
+                                            task_type="CAUSAL_LM"))
+
+
+def negative_and_replay_batch(tok):
+    """A collated batch: one injected positive (no KL), one negative and one replay row (KL on their completions)."""
+    rows = [{"question": ie.DETECTION_QUESTIONS[0], "concept": "fire", "strength": "40",
+             "completion": ie.POSITIVE_COMPLETION.format(concept="fire"), "injected": True},
+            {"question": ie.DETECTION_QUESTIONS[1], "concept": "", "strength": "", "completion": ie.NEGATIVE_COMPLETION,
+             "injected": False},
+            ie.ordinary_row({"question": PROMPTS[0], "answer": "Boil it.", "answer_ids": [5, 6, 7, tok.eos_token_id]},
+                            "replay")]
+    examples = ie.tokenize_examples(rows, tok, "paper")
+    assert [e["kl"] for e in examples] == [False, True, True]
+    vectors = {"fire": torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)}
+    return ie.collate(examples, vectors, 1.0, tok.pad_token_id), examples
+
+
+def adapter_kl(peft_model, batch, cfg=CFG):
+    with ie.injection(peft_model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"]), torch.no_grad():
+        logits = peft_model(input_ids=batch["input_ids"], use_cache=False).logits
+        return float(ie.kl_to_base(peft_model, batch, logits))
+
+
+# --- the KL term -----------------------------------------------------------------------------------------------------
+
+def test_kl_is_zero_for_a_fresh_or_disabled_adapter_and_positive_after_one_step(tok):
+    peft_model = fresh_lora(make_tiny(tok))
+    batch, examples = negative_and_replay_batch(tok)
+    assert batch["kl_mask"].sum() == len(examples[1]["completion"]) + len(examples[2]["completion"])
+    assert adapter_kl(peft_model.eval(), batch) == 0.0  # LoRA B = 0: the adapter is the base model exactly
+
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    peft_model.train()
+    ie.forward_backward(peft_model, batch, ie.dataclasses.replace(CFG, grad_accum=1), torch.autocast("cpu", enabled=False),
+                        torch.amp.GradScaler("cpu", enabled=False))
+    optimizer.step()
+    peft_model.eval()
+    assert adapter_kl(peft_model, batch) > 1e-4
+    with peft_model.disable_adapter():
+        assert adapter_kl(peft_model, batch) == 0.0
+    none = {**batch, "kl_mask": torch.zeros_like(batch["kl_mask"])}
+    assert adapter_kl(peft_model, none) == 0.0  # no token under the term: 0, not NaN
+    peft_model.unload()
+
+
+def test_kl_covers_only_the_masked_tokens_under_the_same_injection(tok):
+    peft_model = fresh_lora(make_tiny(tok, seed=2)).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    batch, examples = negative_and_replay_batch(tok)
+    batch["alphas"][1] = 30.0  # a random negative: the injection must reach the base pass too
+    batch["vectors"][1] = batch["vectors"][0]
+    got = adapter_kl(peft_model, batch)
+    with ie.injection(peft_model, CFG.layer, batch["vectors"], batch["alphas"], batch["prompt_end"]), torch.no_grad():
+        tuned = peft_model(input_ids=batch["input_ids"]).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=batch["input_ids"]).logits
+    per_token = ie.kl_divergence(base, tuned)
+    terms = [per_token[b, len(e["prompt"]) - 1:len(e["prompt"]) + len(e["completion"]) - 1]
+             for b, e in enumerate(examples) if e["kl"]]
+    assert got == pytest.approx(float(torch.cat(terms).mean()), rel=1e-5)
+    peft_model.unload()
+
+
+def test_kl_weight_trains_with_micro_batches_and_grad_accum(tok):
+    """With grad_accum 2 the first optimizer step sees the fresh adapter (KL 0), so its loss equals the KL-free run's;
+    later steps differ, and the KL-trained adapter stays closer to the base on the KL tokens."""
+    rows = ie.build_dataset(["fire", "ocean"], ["40"], 4, seed=0)
+    answers = [{"question": q, "answer": "", "answer_ids": [100 + i, 200 + i, tok.eos_token_id]} for i, q in enumerate(PROMPTS)]
+    data = ie.training_set(rows, ie.replay_rows(answers, 8))
+    vectors = {c: torch.nn.functional.normalize(torch.randn(64), dim=0) for c in ("fire", "ocean")}
+    runs = {}
+    for weight in (0.0, 5.0):
+        model = make_tiny(tok, seed=3)
+        peft_model, losses = ie.train_lora(model, tok, data, vectors, 1.0, ie.dataclasses.replace(CFG, kl_weight=weight))
+        batch = ie.collate(ie.tokenize_examples(data, tok, "paper"), vectors, 1.0, tok.pad_token_id)
+        runs[weight] = ([l["loss"] for l in losses], adapter_kl(peft_model, batch))
+        peft_model.unload()
+    (plain, plain_kl), (with_kl, kl_kl) = runs[0.0], runs[5.0]
+    assert len(plain) == len(with_kl) == 6  # 24 rows in micro-batches of 2, two per optimizer step
+    assert plain[0] == pytest.approx(with_kl[0], abs=1e-6) and plain[1:] != pytest.approx(with_kl[1:], abs=1e-6)
+    assert 0 < kl_kl < plain_kl
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph of the training step")
+def test_graphed_step_with_kl_matches_eager(tok):
+    """GPU check for the lead: the KL term's no-grad base pass inside the captured CUDA-graph step."""
+    model = make_tiny(tok).cuda()
+    peft_model = fresh_lora(model).train()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    batch, _ = negative_and_replay_batch(tok)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    cfg = ie.dataclasses.replace(CFG, kl_weight=1.0, grad_accum=1)
+    autocast, scaler = torch.autocast("cuda", enabled=False), torch.amp.GradScaler("cuda", enabled=False)
+    eager = ie.forward_backward(peft_model, batch, cfg, autocast, scaler)
+    grads = [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+    peft_model.zero_grad(set_to_none=False)
+    graphed = ie.GraphedStep(lambda b: ie.forward_backward(peft_model, b, cfg, autocast, scaler), batch)
+    peft_model.zero_grad(set_to_none=False)
+    loss = graphed(batch)
+    assert float(loss) == pytest.approx(float(eager), rel=1e-4)
+    for g, p in zip(grads, [p for p in peft_model.parameters() if p.requires_grad]):
+        assert torch.allclose(g, p.grad, rtol=1e-3, atol=1e-6)
+
+
+# --- replay ----------------------------------------------------------------------------------------------------------
+
+def test_replay_targets_are_the_base_models_own_greedy_answers(tok):
+    model = make_tiny(tok)
+    answers = list(ie.answer_training_prompts(model, tok, PROMPTS, CFG))  # batched (3 + 2), left padded
+    for prompt, answer in zip(PROMPTS, answers):  # one prompt at a time through transformers' own generate
+        ids = torch.tensor([ie.question_ids(prompt, tok, "paper")])
+        own = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=CFG.replay_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+        assert answer["question"] == prompt and answer["answer_ids"] == ie.until_eos(own.tolist(), tok.eos_token_id)
+    rows = ie.replay_rows(answers, 7)  # more rows than answers: they cycle
+    assert [r["question"] for r in rows] == PROMPTS + PROMPTS[:2]
+    data = ie.training_set(ie.build_dataset(["fire"], ["40"], 2, seed=0), rows)
+    examples = ie.tokenize_examples(data, tok, "paper")
+    replay = [e for e, kind in zip(examples, data["kind"]) if kind == "replay"]
+    assert [e["completion"] for e in replay] == [a["answer_ids"] for a in answers] + [a["answer_ids"] for a in answers[:2]]
+    assert all(e["kl"] and not e["concept"] for e in replay)
+    assert sum(e["kl"] for e in examples) == 7 + 2  # the replay rows and the two negatives
+
+
+def test_replay_answers_are_generated_once_and_reused_on_resume(tok, tmp_path, monkeypatch):
+    model = make_tiny(tok)
+    calls = []
+    real = ie.generate
+    monkeypatch.setattr(ie, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    timer = ie.Timer(tmp_path / "timings.json")
+    cfg = ie.dataclasses.replace(CFG, continue_examples=0.5)
+    first = ie.ordinary_training_rows(model, tok, cfg, 8, ["fire"], ["40"], tmp_path, timer)
+    n_train = len(ie.ordinary_prompts()["train"])
+    assert len(calls) == -(-min(8, n_train) // CFG.eval_batch_size) and "replay_answers" in timer.times
+    assert sum(r["kind"] == "replay" for r in first) == 8 and sum(r["kind"] == "continue" for r in first) == 4
+    again = ie.ordinary_training_rows(model, tok, cfg, 8, ["fire"], ["40"], tmp_path, ie.Timer(tmp_path / "t2.json"))
+    assert again == first and len(calls) == -(-min(8, n_train) // CFG.eval_batch_size)  # loaded, not regenerated
+    assert not (tmp_path / "t2.json").exists()
+    assert ie.ordinary_training_rows(model, tok, ie.Config(), 8, ["fire"], ["40"], tmp_path / "none", timer) == []
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--replay", "-1"], "--replay must be a finite number >= 0"),
+    (["--kl-weight", "nan"], "--kl-weight must be a finite number >= 0"),
+    (["--continue-examples", "-0.5"], "--continue-examples must be"),
+    (["--replay-tokens", "0"], "--replay-tokens must be >= 1"),
+])
+def test_bad_language_modelling_flags_are_one_clear_error(tmp_path, caplog, extra, message):
+    code, text = run_main(["--model", "random:tiny"] + extra + ["--output-dir", str(tmp_path / "run")], caplog)
+    assert code == 2 and message in text and "Traceback" not in text
+
+
+def test_pipeline_with_replay_kl_and_continue_records_everything_and_resumes(tmp_path, caplog, monkeypatch):
+    out = tmp_path / "run"
+    args = TINY_ARGS + ["--concepts-file", concepts_file(tmp_path), "--skip-safety", "--replay", "1", "--kl-weight", "1",
+                        "--continue-examples", "0.5", "--replay-tokens", "4", "--output-dir", str(out)]
+    code, text = run_main(args, caplog)
+    assert code == 0, text
+    metrics = json.loads((out / "metrics.json").read_text())
+    size = metrics["settings"]["dataset_size"]
+    assert metrics["settings"]["language_modelling"] == {
+        "replay": 1.0, "replay_tokens": 4, "kl_weight": 1.0, "continue_examples": 0.5, "replay_rows": size,
+        "continue_rows": size // 2}
+    assert {"agreement", "answer_kl", "exact_answers", "template_leak"} <= set(metrics["capability"])
+    assert set(metrics["continue"]) == set(ie.CONTINUE_SPLITS)
+    assert "Report-then-continue" in (out / "results.md").read_text()
+    assert {"base agreement", "answer KL (nats/token)", "template leak"} <= set(ie.headline(metrics))
+    continued = [t for t in ie.read_jsonl(out / "trials.jsonl") if t["experiment"] == "continue"]
+    assert len(continued) == len(ie.ordinary_prompts()["heldout"])
+
+    calls = []
+    monkeypatch.setattr(ie, "generate", lambda *a, **k: calls.append(1))
+    stamp = (out / "replay_answers" / "dataset_info.json").stat().st_mtime
+    code, text = run_main(args, caplog)
+    assert code == 0 and calls == [] and "loaded from" in text and "Trained" not in text
+    assert (out / "replay_answers" / "dataset_info.json").stat().st_mtime == stamp
+    assert json.loads((out / "metrics.json").read_text())["capability"] == metrics["capability"]
