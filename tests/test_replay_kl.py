@@ -138,7 +138,9 @@ def test_replay_targets_are_the_base_models_own_greedy_answers(tok):
         ids = torch.tensor([ie.question_ids(prompt, tok, "paper")])
         own = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=CFG.replay_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:]
-        assert answer["question"] == prompt and answer["answer_ids"] == ie.until_eos(own.tolist(), tok.eos_token_id)
+        own = own.tolist()
+        ended = own.index(tok.eos_token_id) + 1 if tok.eos_token_id in own else len(own)
+        assert answer["question"] == prompt and answer["answer_ids"] == own[:ended]
     rows = ie.replay_rows(answers, 7)  # more rows than answers: they cycle
     assert [r["question"] for r in rows] == PROMPTS + PROMPTS[:2]
     data = ie.training_set(ie.build_dataset(["fire"], ["40"], 2, seed=0), rows)
@@ -147,6 +149,11 @@ def test_replay_targets_are_the_base_models_own_greedy_answers(tok):
     assert [e["completion"] for e in replay] == [a["answer_ids"] for a in answers] + [a["answer_ids"] for a in answers[:2]]
     assert all(e["kl"] and not e["concept"] for e in replay)
     assert sum(e["kl"] for e in examples) == 7 + 2  # the replay rows and the two negatives
+
+
+def test_answers_end_at_their_first_eos_which_they_keep():
+    assert ie.until_eos([5, 2, 2, 2], 2) == [5, 2] and ie.until_eos([2, 7], 2) == [2]
+    assert ie.until_eos([5, 6, 7], 2) == [5, 6, 7]  # cut at the token limit: no EOS
 
 
 def test_replay_answers_are_generated_once_and_reused_on_resume(tok, tmp_path, monkeypatch):
