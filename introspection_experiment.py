@@ -123,6 +123,7 @@ VOCABULARY_FILE = DATA_DIR / "concepts.json"  # >= 500 extra training nouns in c
 PROSE_FILE = DATA_DIR / "prose.txt"  # held-out prose for the perplexity check (capability retention)
 ORDINARY_PROMPTS_FILE = DATA_DIR / "ordinary_prompts.json"  # ordinary prompts: a training split and a held-out split
 EXACT_ANSWERS_FILE = DATA_DIR / "exact_answers.json"  # questions with accepted answers, scored by rule
+EXACT_KINDS = ("arithmetic", "capital", "unit", "yes-no")
 CAPABILITY_TOKENS = 16  # greedy tokens per benchmark answer; two answers agree when their first 16 tokens are equal
 CONTINUE_TOKENS = 40  # report-then-continue evaluation: room for the report sentence and 16+ tokens of answer
 CHAT_EXAMPLES = 5  # held-out prompts shown side by side (base / fine-tuned) in results.md
@@ -1497,8 +1498,8 @@ def exact_answers() -> list[dict]:
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{EXACT_ANSWERS_FILE.name} needs a list 'items' of {{'question', 'answers', 'kind'}} "
                           f"objects ({e!r})") from None
-    if not items or not all(i["answers"] for i in items):
-        raise ConfigError(f"{EXACT_ANSWERS_FILE.name}: every item needs at least one accepted answer")
+    if not items or not all(i["answers"] and i["kind"] in EXACT_KINDS for i in items):
+        raise ConfigError(f"{EXACT_ANSWERS_FILE.name}: every item needs an accepted answer and a kind in {EXACT_KINDS}")
     return items
 
 
@@ -1600,7 +1601,7 @@ def split_report(response: str) -> tuple[str, str]:
 def exact_correct(item: dict, response: str) -> bool:
     """Scored by rule: yes/no items by `yes_no_answer`; the others when an accepted answer appears as a whole word or
     number (not part of a longer one: '12' is not in '112' or '12.5') in the response's first line."""
-    if item["kind"] == "yesno":
+    if item["kind"] == "yes-no":
         return yes_no_answer(response) in {a.lower() for a in item["answers"]}
     line = response.strip().split("\n", 1)[0]
     return any(re.search(rf"(?<![\w.-]){re.escape(a)}(?![\w]|[.,]\d)", line, re.IGNORECASE) for a in item["answers"])

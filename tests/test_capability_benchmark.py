@@ -18,8 +18,8 @@ def small_data(tmp_path, monkeypatch):
                            ("How do I boil an egg?", "Write a haiku about rain.", "What is 9 plus 16?",
                             "How can I sleep better?", "Name a large planet.")]}
     items = {"items": [{"question": "What is 2 plus 3?", "answers": ["5", "five"], "kind": "arithmetic"},
-                       {"question": "Is ice cold? Answer yes or no.", "answers": ["yes"], "kind": "yesno"},
-                       {"question": "Is fire cold? Answer yes or no.", "answers": ["no"], "kind": "yesno"}]}
+                       {"question": "Is ice cold? Answer yes or no.", "answers": ["yes"], "kind": "yes-no"},
+                       {"question": "Is fire cold? Answer yes or no.", "answers": ["no"], "kind": "yes-no"}]}
     (tmp_path / "ordinary.json").write_text(json.dumps(prompts))
     (tmp_path / "exact.json").write_text(json.dumps(items))
     monkeypatch.setattr(ie, "ORDINARY_PROMPTS_FILE", tmp_path / "ordinary.json")
@@ -44,7 +44,10 @@ def test_shipped_heldout_split_is_disjoint_from_training_and_replay_prompts():
     replayed = ie.prompts_to_answer(ie.Config(replay=2.0, continue_examples=1.0), 480, sorted(train))
     assert replayed and set(replayed) <= train and not set(replayed) & heldout
     assert len(replayed) == min(len(train), 960) and len(set(replayed)) == len(replayed)  # each answered once
-    assert {i["kind"] for i in ie.exact_answers()} <= {"arithmetic", "capital", "unit", "yesno"}
+    items = ie.exact_answers()
+    assert {i["kind"] for i in items} == set(ie.EXACT_KINDS)
+    yes_no = [i["answers"][0].lower() for i in items if i["kind"] == "yes-no"]
+    assert yes_no.count("yes") == yes_no.count("no") > 0  # a yes-bias cannot pass for accuracy
 
 
 def test_overlapping_or_malformed_prompt_files_are_one_clear_error(tmp_path, monkeypatch):
@@ -88,10 +91,10 @@ def test_template_leak(answer, leak):
     ("capital", ["Paris"], "The capital of France is Paris.", True),
     ("capital", ["Paris"], "Parisian cafés are lovely.", False),
     ("unit", ["1000", "1,000"], "There are 1,000 grams in a kilogram.", True),
-    ("yesno", ["yes"], "Yes, it is.", True),
-    ("yesno", ["yes"], "No.", False),
-    ("yesno", ["no"], "No, fish cannot breathe on land.", True),
-    ("yesno", ["no"], "Maybe.", False),
+    ("yes-no", ["yes"], "Yes, it is.", True),
+    ("yes-no", ["yes"], "No.", False),
+    ("yes-no", ["no"], "No, fish cannot breathe on land.", True),
+    ("yes-no", ["no"], "Maybe.", False),
 ])
 def test_exact_answer_scoring(kind, answers, response, correct):
     assert ie.exact_correct({"question": "?", "answers": answers, "kind": kind}, response) is correct
