@@ -1328,7 +1328,8 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Ge
 
 
 def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """One micro-batch: forward with the injection, backward of loss / grad_accum; returns the detached loss.
+    """One micro-batch: forward with the injection, backward of loss / grad_accum; returns the detached loss (the report
+    cross-entropy, plus kl_weight x `kl_to_base`, whose no-grad base pass is part of the step and of its CUDA graph).
     `keep` (consecutive positions) runs the LM head and the loss on those positions only; they must hold every
     labelled token and the position before it (same loss; the prompt positions need no logits). An index tensor,
     not a slice: with the slice (a non-contiguous view of the hidden states) the step was slower than with no window;
