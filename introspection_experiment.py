@@ -2365,9 +2365,9 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
     evaluate("introspection", "finetuned",
              lambda: evaluate_trials(ft_model, tok, spec, eval_vectors, typical_norm, cfg, "finetuned"))
     measure("finetuned", ft_model)
-    continue_spec = build_continue_trials(concepts, list(randoms), eval_strengths,
-                                          [p["prompt"] for p in ordinary_prompts()["heldout"]])
-    if cfg.continue_examples > 0:
+    if cfg.continue_examples > 0:  # report-then-continue on the held-out ordinary prompts
+        continue_spec = build_continue_trials(concepts, list(randoms), eval_strengths,
+                                              [p["prompt"] for p in ordinary_prompts()["heldout"]])
         evaluate("continue", "finetuned", lambda: run_continue_trials(
             ft_model, tok, continue_spec, eval_vectors, typical_norm, cfg, capability["base"]["answers"]))
 
