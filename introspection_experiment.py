@@ -1995,45 +1995,6 @@ def seeds_table(summary: dict, seeds: list[int]) -> str:
 # --no-cuda-speedups turns it off); the CPU never takes it, so CPU runs stay byte-reproducible.
 
 
-def fused_rms_norm(module, hidden_states: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.rms_norm(hidden_states, module.weight.shape, module.weight, module.variance_epsilon)
-
-
-def fuse_rms_norms(model) -> int:
-    """Run each Llama RMSNorm through torch's fused CUDA kernel: one launch forward and one backward, where
-    transformers' float32 upcast, pow, mean, rsqrt and two products launch ~7 and ~10 (12% of a 7B LoRA step at
-    batch 4). Same formula, float32 statistics; outputs agree to the rounding of the model's dtype. Applied on CUDA
-    only: on the CPU torch composes the same small ops, so CPU runs keep transformers' own code. Returns the count."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    norms = [m for m in model.modules() if type(m) is LlamaRMSNorm]
-    for module in norms:
-        module.forward = functools.partial(fused_rms_norm, module)
-    return len(norms)
-
-
-def rotary_in_token_layout(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' apply_rotary_pos_emb for Llama: q and k arrive as [batch, heads, seq, dim] views of contiguous
-    [batch, seq, heads, dim] projections, and are rotated in that contiguous layout with rotate_half's sign folded
-    into sin: three vectorised kernels per tensor instead of five strided ones (4% of a 7B LoRA step)."""
-    half = q.shape[-1] // 2
-    cos = cos.unsqueeze(2)
-    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
-
-    def rotate(x):
-        x = x.transpose(1, 2)
-        return torch.addcmul(x * cos, x.roll(half, dims=-1), sin).transpose(1, 2)
-
-    return rotate(q), rotate(k)
-
-
-def unfuse_rms_norms(model) -> None:
-    """Undo fuse_rms_norms: each RMSNorm runs transformers' own forward again."""
-    for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.func is fused_rms_norm:
-            del module.forward
-
-
 def fast_path_on(model, cfg: Config) -> bool:
     """The one switch: the CUDA fast path runs for a model on a CUDA device unless cfg.cuda_speedups is off."""
     return cfg.cuda_speedups and input_device(model).type == "cuda"
@@ -2067,6 +2028,45 @@ def cuda_fast_path(model, cfg: Config):
             modeling_llama.apply_rotary_pos_emb = rotary
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
             unfuse_rms_norms(model)
+
+
+def fused_rms_norm(module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(hidden_states, module.weight.shape, module.weight, module.variance_epsilon)
+
+
+def fuse_rms_norms(model) -> int:
+    """Run each Llama RMSNorm through torch's fused CUDA kernel: one launch forward and one backward, where
+    transformers' float32 upcast, pow, mean, rsqrt and two products launch ~7 and ~10 (12% of a 7B LoRA step at
+    batch 4). Same formula, float32 statistics; outputs agree to the rounding of the model's dtype. Applied on CUDA
+    only: on the CPU torch composes the same small ops, so CPU runs keep transformers' own code. Returns the count."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norms = [m for m in model.modules() if type(m) is LlamaRMSNorm]
+    for module in norms:
+        module.forward = functools.partial(fused_rms_norm, module)
+    return len(norms)
+
+
+def unfuse_rms_norms(model) -> None:
+    """Undo fuse_rms_norms: each RMSNorm runs transformers' own forward again."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is fused_rms_norm:
+            del module.forward
+
+
+def rotary_in_token_layout(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb for Llama: q and k arrive as [batch, heads, seq, dim] views of contiguous
+    [batch, seq, heads, dim] projections, and are rotated in that contiguous layout with rotate_half's sign folded
+    into sin: three vectorised kernels per tensor instead of five strided ones (4% of a 7B LoRA step)."""
+    half = q.shape[-1] // 2
+    cos = cos.unsqueeze(2)
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+
+    def rotate(x):
+        x = x.transpose(1, 2)
+        return torch.addcmul(x * cos, x.roll(half, dims=-1), sin).transpose(1, 2)
+
+    return rotate(q), rotate(k)
 
 
 @contextmanager
@@ -2230,17 +2230,26 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # from peft
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(action) -> int:
+    """Run action() with the script's logging; bad input (a ConfigError) is one logged line and exit code 2."""
     setup_logging()
     try:
-        if (cfg := config_from_args(argv)).seeds:
-            run_seeds(cfg)
-        else:
-            run(cfg)
+        action()
     except ConfigError as e:
         log.error("%s", e)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def action():
+        cfg = config_from_args(argv)
+        if cfg.seeds:
+            run_seeds(cfg)
+        else:
+            run(cfg)
+
+    return cli(action)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from introspection_experiment import (  # noqa: E402
-    SAFETY_CATEGORIES, ConfigError, atomic_path, parse_strength, pct, rate, read_jsonl, select, setup_logging)
+    SAFETY_CATEGORIES, ConfigError, atomic_path, cli, parse_strength, pct, rate, read_jsonl, select)
 
 log = logging.getLogger("paper")
 
@@ -501,13 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", nargs="?", default="figures", metavar="RUN",
                         help="a finished run's directory or metrics.json (default: figures, the committed run)")
-    setup_logging()
-    try:
-        paper_tables_from(parser.parse_args(argv).run)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
-    return 0
+    return cli(lambda: paper_tables_from(parser.parse_args(argv).run))
 
 
 if __name__ == "__main__":
