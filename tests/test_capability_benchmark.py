@@ -153,7 +153,7 @@ def test_answer_kl_matches_a_direct_computation(tok):
 
 
 def test_capability_summary_and_table_from_hand_made_measurements(small_data):
-    before = {"perplexity": 10.0, "tokens": 100, "answers": ["Paris.", "I detect an injected thought about fire.",
+    before = {"perplexity": 10.0, "tokens": 100, "answers": ["Paris | Lyon", "I detect an injected thought about fire.",
                                                              "Boil it.", "Sleep.", "Jupiter."],
               "exact": ["2 + 3 = 5", "Yes.", "Yes."]}
     after = {"perplexity": 11.0, "tokens": 100, "answers": ["I do not detect any injected thoughts."] * 2 + ["x"] * 3,
@@ -167,7 +167,11 @@ def test_capability_summary_and_table_from_hand_made_measurements(small_data):
     assert s["exact_answers"]["by_kind"]["arithmetic"]["finetuned"]["k"] == 0
     assert s["template_leak"]["base"]["k"] == 1 and s["template_leak"]["finetuned"]["k"] == 2
     table = ie.capability_table(s)
+    assert table.startswith(f"Perplexity on {ie.PROSE_FILE.name} (100 tokens, no injection): base 10.00, fine-tuned "
+                            "11.00 (+10.0%).\n\n5 held-out ordinary prompts")
     assert "60% [23, 88]" in table and "0.2000 nats/token" in table and "| arithmetic (1) | 100%" in table
+    assert "| Paris \\| Lyon | I do not detect any injected thoughts. |" in table  # cells escaped, one row per example
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 3 + 1 + 5  # headers, all + 2 kinds, examples
     assert ie.headline({"results": {"finetuned": FAKE_RESULTS}, "capability": s})["base agreement"] == 0.6
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import introspection_experiment as ie
-from conftest import make_tiny
-from test_pipeline import TINY_ARGS, concepts_file, run_main
+from conftest import TINY_ARGS, concepts_file, make_tiny, run_main
 
 CFG = ie.Config(model="random:tiny", dtype="float32", layer=2, eval_batch_size=3, replay=1.0, replay_tokens=6,
                 batch_size=2, grad_accum=2, epochs=1, lr=1e-2, lora_rank=4, lora_alpha=8)
