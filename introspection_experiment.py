@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 import zlib
@@ -264,8 +265,9 @@ def parse_strength(spec: str) -> tuple[float, str]:
         value = float(text[:-1] if unit == "norm" else text)
     except ValueError:
         raise ConfigError(f"bad strength {spec!r}: use an absolute alpha like 40 or a norm multiple like 1.5x") from None
-    if value < 0 or not math.isfinite(value):
-        raise ConfigError(f"bad strength {spec!r}: must be a finite number >= 0")
+    if not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"bad strength {spec!r}: must be a finite number > 0 (no injection is what the negatives and "
+                          "controls are for)")
     return value, unit
 
 
@@ -292,6 +294,12 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
     if not 0 <= cfg.random_negatives <= 1:
         raise ConfigError("--random-negatives is a fraction of the negatives: between 0 and 1")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout is a probability: 0 <= p < 1, got {cfg.lora_dropout}")
+    if not (cfg.control_temperature >= 0 and math.isfinite(cfg.control_temperature)):
+        raise ConfigError(f"--control-temperature must be a finite number >= 0 (0 = greedy), got {cfg.control_temperature}")
     if cfg.num_train_concepts is not None and cfg.num_train_concepts < 1:
         raise ConfigError("--num-train-concepts must be >= 1")
     if cfg.seeds is not None and len(set(cfg.seeds)) != len(cfg.seeds):
@@ -315,22 +323,42 @@ def load_concepts(cfg: Config) -> dict[str, list[str]]:
         if unknown:
             raise ConfigError(f"concepts file keys must be among train/heldout/baseline, got {sorted(unknown)}")
         concepts.update(given)
-    seen: dict[str, str] = {}
-    for split, words in concepts.items():
-        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-            raise ConfigError(f"concept list '{split}' must be a non-empty list of words")
-        for w in words:
-            if w in seen:
-                raise ConfigError(f"duplicate concept '{w}' (in '{seen[w]}' and '{split}')")
-            seen[w] = split
-    concepts = {k: list(v) for k, v in concepts.items()}
+    concepts = normalised_concepts(concepts)
     if cfg.num_train_concepts is not None:
-        pool = concepts["train"] + [w for w in vocabulary() if w not in seen]
+        taken = {f for words in concepts.values() for w in words for f in concept_forms(w)}
+        pool = concepts["train"] + [w for w in vocabulary() if not concept_forms(w) & taken]
         if cfg.num_train_concepts > len(pool):
             raise ConfigError(f"--num-train-concepts {cfg.num_train_concepts} exceeds the {len(pool)} available "
                               f"(training list + {VOCABULARY_FILE.name})")
         concepts["train"] = pool[:cfg.num_train_concepts]
+    check_heldout_forms(concepts)
     return concepts
+
+
+def normalised_concepts(concepts: dict) -> dict[str, list[str]]:
+    """Each list stripped and lower-cased (the grader ignores case; ' fire ' could never be named); refuses empty
+    lists, non-words and a concept listed twice."""
+    seen: dict[str, str] = {}
+    out = {}
+    for split, words in concepts.items():
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+            raise ConfigError(f"concept list '{split}' must be a non-empty list of words")
+        out[split] = [w.strip().lower() for w in words]
+        for w in out[split]:
+            if w in seen:
+                raise ConfigError(f"duplicate concept '{w}' (in '{seen[w]}' and '{split}')")
+            seen[w] = split
+    return out
+
+
+def check_heldout_forms(concepts: dict[str, list[str]]) -> None:
+    """Refuse a held-out concept that shares a form the grader accepts (concept_forms: plurals, case) with a training
+    concept: naming the training concept would count as naming the held-out one."""
+    train_forms = {f: w for w in concepts["train"] for f in concept_forms(w)}
+    for w in concepts["heldout"]:
+        if shared := sorted(concept_forms(w) & train_forms.keys()):
+            raise ConfigError(f"held-out concept '{w}' shares the form '{shared[0]}' with training concept "
+                              f"'{train_forms[shared[0]]}': the grader could not tell them apart; drop one of them")
 
 
 def vocabulary() -> list[str]:
@@ -400,10 +428,7 @@ def load_model(cfg: Config):
                 quantization_config=nf4_config(dtype) if cfg.load_in_4bit else None,
                 device_map="auto" if device.type == "cuda" else None)
         except (OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"cannot load model '{cfg.model}' ({reason}). Check the hub id and your network, set HF_TOKEN for gated "
-                f"models, or run offline with --model {EMBEDDED_MODEL}") from None
+            raise model_load_error(cfg, e) from None
         placed = device.type == "cuda"
         info["source"] = f"Hugging Face hub: {cfg.model}"
     if not placed:
@@ -420,6 +445,55 @@ def load_model(cfg: Config):
     info["hidden_size"] = text_config(model).hidden_size
     info["matmul_weights"] = matmul_weights(model)
     return model, tok, info
+
+
+def model_load_error(cfg: Config, error: Exception | str) -> ConfigError:
+    """The one-line error for a hub model that cannot be loaded."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ConfigError(f"cannot load model '{cfg.model}' ({reason}). Check the hub id and your network, set HF_TOKEN "
+                       f"for gated models, or run offline with --model {EMBEDDED_MODEL}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint accepts a TCP connection within `timeout` s (instead of a minute of retries)."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def model_num_layers(name: str) -> int:
+    """The number of decoder layers of a model, read from its config without loading weights: the random shapes'
+    table, the embedded GGUF's metadata, or the hub config (fails in one line, without retries, when the model is not
+    cached and the hub is offline or unreachable)."""
+    from transformers import AutoConfig
+    cfg = Config(model=name)
+    if name.startswith("random:"):
+        shape = name.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise ConfigError(f"unknown random shape '{shape}'; choose from {sorted(RANDOM_SHAPES)}")
+        return RANDOM_SHAPES[shape]["num_hidden_layers"]
+    if name == EMBEDDED_MODEL:
+        config = AutoConfig.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
+    else:
+        from huggingface_hub import constants, try_to_load_from_cache
+        cached = Path(name).is_dir() or isinstance(try_to_load_from_cache(name, "config.json"), str)
+        if not cached and constants.HF_HUB_OFFLINE:
+            raise model_load_error(cfg, "not in the local cache, and HF_HUB_OFFLINE is set")
+        if not cached and not hub_reachable():
+            raise model_load_error(cfg, f"not in the local cache, and {constants.ENDPOINT} cannot be reached")
+        try:
+            config = AutoConfig.from_pretrained(name, token=os.environ.get("HF_TOKEN") or None,
+                                                trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise model_load_error(cfg, e) from None
+    return (getattr(config, "text_config", None) or config).num_hidden_layers
 
 
 def fused_rms_norm(module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -534,7 +608,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def resolve_layer(cfg: Config, model) -> int:
-    n = num_layers(model)
+    return layer_in_range(cfg, num_layers(model))
+
+
+def layer_in_range(cfg: Config, n: int) -> int:
+    """--layer, or floor(2n/3), checked against the model's n layers."""
     layer = (2 * n) // 3 if cfg.layer is None else cfg.layer
     if not 0 <= layer < n:
         raise ConfigError(f"--layer {layer} is out of range: this model has layers 0..{n - 1}")
@@ -1756,22 +1834,23 @@ def plot_safety(safety: dict, trials: list[dict], strengths: list[str], label: s
 # Run directory: atomic artifacts, resume, environment
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary sibling path and move it into place only if the block succeeds."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
+    """Yield a path for the block to create (a file or a folder) inside a uniquely named temporary sibling folder, and
+    rename it into place only if the block succeeds: concurrent writers never share a temporary, and readers see the
+    old artifact or the new one, never a partial one."""
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX))
+    tmp = staging / path.name
     try:
         yield tmp
-        if path.is_dir():
-            shutil.rmtree(path)
+        if path.is_dir():  # a folder cannot be replaced by rename: move the old one out of the way first
+            os.replace(path, staging / (path.name + ".old"))
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json(path: Path, data) -> None:
@@ -1793,8 +1872,10 @@ def run_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "output_dir"}
 
 
-def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(run_settings(dataclasses.asdict(cfg)), sort_keys=True).encode()).hexdigest()[:8]
+def config_hash(cfg: Config, length: int = 8) -> str:
+    """A content address of a run: its settings and the contents of every input file (run_input_files)."""
+    identity = {"settings": run_settings(dataclasses.asdict(cfg)), "inputs": input_digests(cfg)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:length]
 
 
 def config_diff(saved: dict, cfg: Config) -> list[str]:
@@ -1809,7 +1890,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create (or reopen) the run directory; refuse a directory holding a run with a different config."""
+    """Create (or reopen) the run directory and check that it is writable (claim_run_dir checks what it holds)."""
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1818,11 +1899,244 @@ def prepare_run_dir(cfg: Config) -> Path:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output directory {run_dir} is not writable: {e.strerror or e}") from None
-    saved = run_dir / "config.json"
-    if saved.exists() and (diff := config_diff(json.loads(saved.read_text())["config"], cfg)):
-        raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
-                          "choose another --output-dir")
     return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run directory: one process at a time, content-addressed inputs, a manifest of verified artifacts, a completion mark
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+DAMAGED = "delete {dir} and rerun, or choose another --output-dir"  # what to do about a damaged run directory
+
+
+def run_input_files(cfg: Config) -> dict[str, Path]:
+    """Every file whose contents a run reads, besides the model: the concepts file and all files shipped in data/."""
+    files = {"concepts_file": Path(cfg.concepts_file)} if cfg.concepts_file else {}
+    files.update({f"data/{p.name}": p for p in sorted(DATA_DIR.iterdir()) if p.is_file()})
+    return files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_digest(path: Path) -> str | None:
+    """sha256 of a file, or of a folder's files (relative names and contents, in name order); None if absent."""
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def rows_digest(rows: list[dict]) -> str | None:
+    """sha256 of rows as write_jsonl writes them (so rows read back give the same digest); None for no rows."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return hashlib.sha256(text.encode()).hexdigest() if rows else None
+
+
+def json_digest(value) -> str | None:
+    return None if value is None else hashlib.sha256(
+        json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def input_digests(cfg: Config) -> dict[str, str]:
+    """sha256 of each input file's contents (run_input_files)."""
+    try:
+        return {name: sha256_file(path) for name, path in run_input_files(cfg).items()}
+    except OSError as e:
+        raise ConfigError(f"cannot read input file {e.filename}: {e.strerror or e}") from None
+
+
+def read_artifact(path: Path, read):
+    """read(path), an unreadable (truncated or corrupted) file reported in one line."""
+    try:
+        return read(path)
+    except Exception as e:  # whatever the parser raises on damaged bytes
+        raise ConfigError(f"{path.name} in {path.parent} is unreadable ({type(e).__name__}: truncated or modified); "
+                          + DAMAGED.format(dir=path.parent)) from None
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def read_json_or_none(path: Path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def artifacts_in(run_dir: Path, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names in a run directory other than the lock, the manifest, temporaries and `ignore`."""
+    skip = {LOCK_FILE, MANIFEST_FILE, *ignore}
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in skip and not p.name.endswith(TEMPORARY_SUFFIX))
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold an exclusive lock (flock on run_dir/.lock) for the block; a second process gets one line naming the
+    holder. Temporaries left by a killed run are removed once the lock is held."""
+    import fcntl
+    import socket
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to finish or choose another --output-dir") from None
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+        handle.flush()
+        for leftover in run_dir.glob(f".*{TEMPORARY_SUFFIX}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+class Manifest:
+    """manifest.json of a run directory: each finished artifact (a file, a folder, or one part of a file such as one
+    evaluation's rows) with its sha256 and the hash of the inputs it was made from, and the stage times. An entry is
+    written after its artifact, so an artifact without one is from a run that stopped before recording it."""
+
+    def __init__(self, run_dir: Path, input_hash: str, artifacts: dict | None = None, timings: dict | None = None):
+        self.dir, self.input_hash = run_dir, input_hash
+        self.artifacts, self.timings = artifacts or {}, timings or {}
+
+    @classmethod
+    def open(cls, run_dir: Path, input_hash: str) -> Manifest:
+        """The saved manifest of a claimed run directory (a new one if the directory holds no artifacts)."""
+        path = run_dir / MANIFEST_FILE
+        if not path.exists():
+            if leftovers := artifacts_in(run_dir, ignore=(CONFIG_FILE,)):
+                raise ConfigError(f"{run_dir} holds {', '.join(leftovers)} but no {MANIFEST_FILE} to verify them "
+                                  "(made by an older version, or the manifest was deleted); " + DAMAGED.format(dir=run_dir))
+            return cls(run_dir, input_hash).save()
+        data = read_artifact(path, read_json)
+        if not (isinstance(data, dict) and isinstance(data.get("artifacts"), dict) and isinstance(data.get("timings"), dict)):
+            raise ConfigError(f"{path} is not a manifest (no artifacts/timings); " + DAMAGED.format(dir=run_dir))
+        return cls(run_dir, input_hash, data["artifacts"], data["timings"])
+
+    def save(self) -> Manifest:
+        write_json(self.dir / MANIFEST_FILE, {"input_hash": self.input_hash, "artifacts": self.artifacts,
+                                              "timings": self.timings})
+        return self
+
+    def reusable(self, name: str, digest: str | None) -> bool:
+        """Whether the artifact `name`, whose current sha256 is `digest` (None: absent), is finished and intact.
+        False means compute it; a damaged or foreign artifact is refused in one line."""
+        entry = self.artifacts.get(name)
+        if digest is None and entry is None:
+            return False
+        if entry is None:
+            log.info("%s in %s has no manifest entry (its run stopped before recording it): recomputing that stage",
+                     name, self.dir)
+            return False
+        if digest is None:
+            raise ConfigError(f"{name} is recorded in {MANIFEST_FILE} but missing from {self.dir}; "
+                              + DAMAGED.format(dir=self.dir))
+        if entry.get("inputs") != self.input_hash:
+            raise ConfigError(f"{name} in {self.dir} was made from other inputs than this run's (manifest input hash "
+                              f"{str(entry.get('inputs'))[:8]}, this run {self.input_hash[:8]}); " + DAMAGED.format(dir=self.dir))
+        if entry.get("sha256") != digest:
+            raise ConfigError(f"{name} in {self.dir} does not match its checksum in {MANIFEST_FILE} (truncated or "
+                              "modified after it was written); " + DAMAGED.format(dir=self.dir))
+        return True
+
+    def record(self, name: str, digest: str) -> None:
+        self.artifacts[name] = {"sha256": digest, "inputs": self.input_hash}
+        self.save()
+
+    def reusable_file(self, name: str) -> bool:
+        return self.reusable(name, artifact_digest(self.dir / name))
+
+    def record_file(self, name: str) -> None:
+        self.record(name, artifact_digest(self.dir / name))
+
+
+def saved_run_diff(saved, cfg: Config, record: dict) -> list[str]:
+    """What differs between a run directory's config.json and this run's record (config fields, resolved values,
+    input file contents)."""
+    resolved = saved.get("resolved") or {}
+    diff = config_diff(saved["config"], cfg) + [f"resolved {k}" for k, v in record["resolved"].items() if resolved.get(k) != v]
+    if not isinstance(saved.get("inputs"), dict):
+        return diff + ["input contents not recorded (a run of an older version)"]
+    inputs, current = saved["inputs"], record["inputs"]
+    return diff + [f"contents of {k}" for k in sorted(inputs.keys() | current.keys()) if inputs.get(k) != current.get(k)]
+
+
+def claim_run_dir(run_dir: Path, cfg: Config, resolved: dict) -> Manifest:
+    """Before any stage, with the lock held: check that the directory's config.json matches this run (config,
+    resolved values, input contents) or write it into a directory without artifacts. Artifacts that no matching
+    config.json vouches for are refused."""
+    record = {"config": dataclasses.asdict(cfg), "resolved": resolved, "inputs": input_digests(cfg)}
+    input_hash = config_hash(cfg, length=64)
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        saved = read_artifact(path, read_json)
+        if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
+            raise ConfigError(f"{path} is not a run config (no 'config' object); " + DAMAGED.format(dir=run_dir))
+        if diff := saved_run_diff(saved, cfg, record):
+            raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
+                              "choose another --output-dir")
+        return Manifest.open(run_dir, input_hash)
+    if leftovers := artifacts_in(run_dir):
+        raise ConfigError(f"{run_dir} holds {', '.join(leftovers)} but no {CONFIG_FILE}: they cannot be matched to "
+                          "a config, so they are not reused; choose another --output-dir (or empty it)")
+    manifest = Manifest(run_dir, input_hash).save()
+    write_json(path, record)
+    return manifest
+
+
+def run_status(manifest: Manifest, complete: bool) -> dict:
+    """The completion mark of metrics.json: complete, or partial, with the finished artifacts."""
+    return {"status": "complete" if complete else "partial", "stages_done": list(manifest.artifacts)}
+
+
+def require_complete(metrics, source) -> dict:
+    """A run's metrics, refused in one line unless the run finished (status complete). Metrics written before runs
+    carried a status are accepted with a warning."""
+    if not (isinstance(metrics, dict) and isinstance(metrics.get("results"), dict) and "settings" in metrics):
+        raise ConfigError(f"{source} is not a run's metrics (no results or settings)")
+    status = metrics.get("status")
+    if status is None:
+        log.warning("%s has no completion mark (written before runs recorded one): assuming it is complete", source)
+    elif status != "complete":
+        raise ConfigError(f"{source} is from a run that did not finish (status {status}; done: "
+                          f"{', '.join(metrics.get('stages_done') or []) or 'nothing'}); rerun the same command to finish it")
+    return metrics
+
+
+def finished_metrics(run_dir: Path, cfg: Config) -> dict | None:
+    """The metrics of a finished run of exactly this config and these input contents in run_dir, or None (absent,
+    another config, or not finished: the caller resumes it)."""
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(saved, dict) or config_diff(saved.get("config") or {}, cfg) or saved.get("inputs") != input_digests(cfg):
+        return None
+    if metrics.get("status") != "complete":
+        log.info("%s did not finish (status %s): resuming it", run_dir, metrics.get("status"))
+        return None
+    return metrics
 
 
 def environment() -> dict:
@@ -1840,12 +2154,15 @@ def environment() -> dict:
 
 
 class Timer:
-    """Seconds (and, on CUDA, peak GPU memory) per stage, kept in timings.json so a resumed run still reports the
-    original stage times. CUDA work is synchronised at the stage boundaries so that the times are real."""
+    """Seconds (and, on CUDA, peak GPU memory) per stage, kept in the run's manifest (timings.json is a copy) so a
+    resumed run still reports the original stage times. CUDA work is synchronised at the stage boundaries so that the
+    times are real."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.times = json.loads(path.read_text()) if path.exists() else {}
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path, self.manifest, self.times = path, manifest, manifest.timings
+        if read_json_or_none(path) != self.times and (self.times or path.exists()):
+            log.info("%s did not match the stage times in %s: rewritten from them", path, MANIFEST_FILE)
+            write_json(path, self.times)
 
     @contextmanager
     def stage(self, name: str):
@@ -1859,6 +2176,7 @@ class Timer:
             torch.cuda.synchronize()
             self.times[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.times[name] = round(time.perf_counter() - start, 3)
+        self.manifest.save()
         write_json(self.path, self.times)
 
 
@@ -1866,22 +2184,24 @@ class Timer:
 # The pipeline
 
 
-def load_or_build_dataset(path: Path, build):
-    """The dataset saved at `path`, or build() saved there atomically."""
+def load_or_build_dataset(path: Path, build, manifest: Manifest):
+    """The dataset saved at `path` (if its manifest entry matches), or build() saved there atomically."""
     from datasets import load_from_disk
-    if path.exists():
+    if manifest.reusable_file(path.name):
         return load_from_disk(str(path))
     dataset = build()
     with atomic_path(path) as tmp:
         dataset.save_to_disk(str(tmp))
+    manifest.record_file(path.name)
     return dataset
 
 
-def load_or_train_adapter(model, path: Path, timer: Timer, stage: str, train):
-    """The adapter saved at `path` loaded onto `model` (no retraining), or train() saved there with its loss log."""
+def load_or_train_adapter(model, path: Path, timer: Timer, stage: str, train, manifest: Manifest):
+    """The adapter saved at `path` loaded onto `model` (no retraining; adapter and loss log as in the manifest), or
+    train() saved there with its loss log."""
     from peft import PeftModel
     loss_path = path.with_name(path.name + "_train_log.json")
-    if path.exists() and loss_path.exists():
+    if all([manifest.reusable_file(path.name), manifest.reusable_file(loss_path.name)]):  # both checked
         log.info("Loaded adapter from %s (no retraining)", path)
         return PeftModel.from_pretrained(model, str(path)).eval(), json.loads(loss_path.read_text())
     with timer.stage(stage):
@@ -1889,16 +2209,19 @@ def load_or_train_adapter(model, path: Path, timer: Timer, stage: str, train):
     with atomic_path(path) as tmp:
         peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
     write_json(loss_path, losses)
+    manifest.record_file(loss_path.name)
+    manifest.record_file(path.name)
     log.info("Trained %d optimizer steps; final loss %.4f; saved %s", len(losses), losses[-1]["loss"], path)
     return peft_model, losses
 
 
 def safety_stage(model, tok, cfg: Config, baseline_words: list[str], typical_norm: float, train_strengths: list[str],
-                 eval_strengths: list[str], run_dir: Path, timer: Timer, evaluate) -> tuple[dict, list[dict]]:
+                 eval_strengths: list[str], run_dir: Path, timer: Timer, evaluate, manifest: Manifest
+                 ) -> tuple[dict, list[dict]]:
     """Vectors for the safety concepts, the base model and a linear probe as baselines, then a separate safety
     adapter trained from the base `model` (not stacked on the introspection adapter), all under one protocol."""
     vectors_path = run_dir / "safety_vectors.safetensors"
-    if vectors_path.exists():
+    if manifest.reusable_file(vectors_path.name):
         vectors, _ = load_vectors(vectors_path)
     else:
         with timer.stage("safety_vectors"):
@@ -1906,16 +2229,17 @@ def safety_stage(model, tok, cfg: Config, baseline_words: list[str], typical_nor
             vectors, mean, meta = extract_concept_vectors(
                 model, tok, {"train": words, "heldout": [], "baseline": baseline_words}, cfg.layer, cfg)
             save_vectors(vectors_path, vectors, mean, meta)
+        manifest.record_file(vectors_path.name)
     dataset = load_or_build_dataset(run_dir / "safety_dataset", lambda: build_safety_dataset(
         SAFETY_CATEGORIES["harmful-seen"], SAFETY_CATEGORIES["safe-seen"], train_strengths,
-        cfg.safety_examples_per_class, cfg.seed))
+        cfg.safety_examples_per_class, cfg.seed), manifest)
     log.info("Safety dataset: %d examples", len(dataset))
     spec = build_safety_trials(eval_strengths, cfg)
     evaluate("safety", "base", lambda: run_trials(model, tok, spec, vectors, typical_norm, cfg, "base", "safety"))
     evaluate("safety", "probe", lambda: run_probe(model, tok, probe_training_trials(train_strengths), spec, vectors,
                                                   typical_norm, cfg))
     adapter, losses = load_or_train_adapter(model, run_dir / "safety_adapter", timer, "safety_train",
-                                            lambda: train_lora(model, tok, dataset, vectors, typical_norm, cfg))
+                                            lambda: train_lora(model, tok, dataset, vectors, typical_norm, cfg), manifest)
     evaluate("safety", "safety_adapter",
              lambda: run_trials(adapter, tok, spec, vectors, typical_norm, cfg, "safety_adapter", "safety"))
     adapter.unload()
@@ -1924,23 +2248,30 @@ def safety_stage(model, tok, cfg: Config, baseline_words: list[str], typical_nor
 
 def run(cfg: Config, loaded: tuple | None = None) -> dict:
     """The whole pipeline for one config. `loaded` = (model, tokenizer, info) from load_model reuses a model already
-    in memory (studies and seeds); the model is handed back without adapters."""
+    in memory (studies and seeds); the model is handed back without adapters. Every input is checked, and the run
+    directory locked and claimed (config.json), before the model loads."""
     validate_config(cfg)
     concepts = load_concepts(cfg)
+    train_strengths = cfg.train_strengths or DEFAULT_STRENGTHS.get(cfg.model, PAPER_STRENGTHS)
+    resolved = {"layer": layer_in_range(cfg, model_num_layers(cfg.model)), "train_strengths": train_strengths,
+                "eval_strengths": cfg.eval_strengths or train_strengths}
     run_dir = prepare_run_dir(cfg)
-    timer = Timer(run_dir / "timings.json")
+    with run_dir_lock(run_dir):
+        return run_stages(cfg, loaded, concepts, resolved, run_dir, claim_run_dir(run_dir, cfg, resolved))
+
+
+def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]], resolved: dict, run_dir: Path,
+               manifest: Manifest) -> dict:
+    """The stages of run(), in a locked and claimed run directory; each finished artifact is in `manifest`."""
+    timer = Timer(run_dir / "timings.json", manifest)
     log.info("Run directory: %s", run_dir)
+    layer, train_strengths, eval_strengths = resolved["layer"], resolved["train_strengths"], resolved["eval_strengths"]
 
     # 1. model
     if loaded is None:
         with timer.stage("load_model"):
             loaded = load_model(cfg)
     model, tok, model_info = loaded
-    layer = resolve_layer(cfg, model)
-    train_strengths = cfg.train_strengths or DEFAULT_STRENGTHS.get(cfg.model, PAPER_STRENGTHS)
-    eval_strengths = cfg.eval_strengths or train_strengths
-    write_json(run_dir / "config.json", {"config": dataclasses.asdict(cfg), "resolved": {
-        "layer": layer, "train_strengths": train_strengths, "eval_strengths": eval_strengths}})
     write_json(run_dir / "environment.json", environment())
     run_hash, cfg = config_hash(cfg), dataclasses.replace(cfg, layer=layer)
     log.info("Model %s (%s, %d layers, %s); layer %d%s", cfg.model, model_info["source"], model_info["num_layers"],
@@ -1948,13 +2279,14 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
 
     # 2. concept vectors
     vectors_path = run_dir / "vectors.safetensors"
-    if vectors_path.exists():
+    if manifest.reusable_file(vectors_path.name):
         vectors, vec_meta = load_vectors(vectors_path)
         log.info("Loaded concept vectors from %s", vectors_path)
     else:
         with timer.stage("concept_vectors"):
             vectors, baseline_mean, vec_meta = extract_concept_vectors(model, tok, concepts, layer, cfg)
             save_vectors(vectors_path, vectors, baseline_mean, vec_meta)
+        manifest.record_file(vectors_path.name)
     typical_norm = vec_meta["typical_norm"]
     alphas = {s: resolve_alpha(s, typical_norm) for s in dict.fromkeys(train_strengths + eval_strengths)}
     log.info("Typical residual norm at layer %d: %.1f; strengths %s", layer, typical_norm,
@@ -1965,32 +2297,38 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
 
     # 3. dataset
     dataset = load_or_build_dataset(run_dir / "dataset", lambda: build_dataset(
-        concepts["train"], train_strengths, cfg.positives_per_concept, cfg.seed, list(train_randoms)))
+        concepts["train"], train_strengths, cfg.positives_per_concept, cfg.seed, list(train_randoms)), manifest)
     log.info("Dataset: %d examples (%d with a concept, %d with a random direction, over %d training concepts)",
              len(dataset), sum(c in vectors for c in dataset["concept"]), len(train_randoms), len(concepts["train"]))
 
     trials_path = run_dir / "trials.jsonl"
-    trials = read_jsonl(trials_path) if trials_path.exists() else []
+    trials = read_artifact(trials_path, read_jsonl) if trials_path.exists() else []
 
     def evaluate(experiment: str, state: str, produce) -> None:
-        """Run one (experiment, model state) evaluation unless trials.jsonl already holds it."""
+        """Run one (experiment, model state) evaluation unless trials.jsonl holds all its rows as the manifest
+        recorded them."""
         nonlocal trials
-        if any(t["experiment"] == experiment and t["state"] == state for t in trials):
+        name, ours = f"trials.jsonl[{experiment}/{state}]", lambda t: t["experiment"] == experiment and t["state"] == state
+        if manifest.reusable(name, rows_digest([t for t in trials if ours(t)])):
             log.info("Loaded %s evaluation of %s from %s", experiment, state, trials_path)
             return
         with timer.stage(f"eval_{experiment}_{state}"):
-            trials = trials + produce()
+            rows = produce()
+            trials = [t for t in trials if not ours(t)] + rows
             write_jsonl(trials_path, trials)
+        manifest.record(name, rows_digest(rows))
 
     capability_path = run_dir / "capability.json"
-    capability = json.loads(capability_path.read_text()) if capability_path.exists() else {}
+    capability = read_artifact(capability_path, read_json) if capability_path.exists() else {}
 
     def measure(state: str, state_model) -> None:
-        """Capability retention of one model state unless capability.json already holds it."""
-        if state not in capability:
+        """Capability retention of one model state unless capability.json holds it as the manifest recorded it."""
+        name = f"capability.json[{state}]"
+        if not manifest.reusable(name, json_digest(capability.get(state))):
             with timer.stage(f"capability_{state}"):
                 capability[state] = measure_capability(state_model, tok, cfg)
             write_json(capability_path, capability)
+            manifest.record(name, json_digest(capability[state]))
 
     evaluate_trials = score_trials if cfg.scoring == "logprob" else run_trials
 
@@ -2002,7 +2340,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
 
     # 5. LoRA training
     ft_model, losses = load_or_train_adapter(model, run_dir / "adapter", timer, "train", lambda: train_lora(
-        model, tok, dataset, {**vectors, **train_randoms}, typical_norm, cfg))
+        model, tok, dataset, {**vectors, **train_randoms}, typical_norm, cfg), manifest)
 
     # 6. fine-tuned model
     evaluate("introspection", "finetuned",
@@ -2024,6 +2362,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
         "results": summarize([t for t in trials if t["experiment"] == "introspection"], eval_strengths),
         "training": {"steps": len(losses), "final_loss": losses[-1]["loss"] if losses else None},
         "capability": capability_summary(capability["base"], capability["finetuned"]),
+        **run_status(manifest, complete=cfg.skip_safety),
     }
     write_results(run_dir, metrics, trials, losses, timer)
     model = ft_model.unload()  # removes the introspection LoRA layers: the untouched base model again
@@ -2031,9 +2370,10 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
     # 8. safety halt: its own adapter, trained from the base model
     if not cfg.skip_safety:
         info, safety_losses = safety_stage(model, tok, cfg, concepts["baseline"], typical_norm, train_strengths,
-                                           eval_strengths, run_dir, timer, evaluate)
+                                           eval_strengths, run_dir, timer, evaluate, manifest)
         metrics["safety"] = {**info, "categories": SAFETY_CATEGORIES, "eval_questions": SAFETY_EVAL_QUESTIONS,
                              "results": summarize_safety([t for t in trials if t["experiment"] == "safety"], eval_strengths)}
+        metrics.update(run_status(manifest, complete=True))
         write_results(run_dir, metrics, trials, losses, timer)
     log.info("Results:\n%s", (run_dir / "results.md").read_text())
     log.info("Wrote %s", run_dir)
@@ -2048,7 +2388,8 @@ def write_results(run_dir: Path, metrics: dict, trials: list[dict], losses: list
         tmp.write_text("\n".join(",".join("" if v is None else str(v) for v in row) for row in metrics_csv_rows(metrics)) + "\n")
     table = results_table(metrics) + "\n" + capability_table(metrics["capability"])
     table += "\n" + safety_table(metrics["safety"]["results"]) if "safety" in metrics else ""
-    (run_dir / "results.md").write_text(table)
+    with atomic_path(run_dir / "results.md") as tmp:
+        tmp.write_text(table)
     intro = [t for t in trials if t["experiment"] == "introspection"]
     plot_figures(metrics, intro, losses, run_dir / "figures")
     if "safety" in metrics:
@@ -2557,11 +2898,11 @@ def paper_inputs(source: str) -> tuple[dict, list[dict] | None, list[dict], dict
     path = Path(source)
     metrics_path = path / "metrics.json" if path.is_dir() else path
     try:
-        metrics = json.loads(metrics_path.read_text())
+        metrics = require_complete(json.loads(metrics_path.read_text()), metrics_path)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read run metrics {metrics_path}: {e}") from None
     trials_path, study_path = metrics_path.with_name("trials.jsonl"), metrics_path.with_name("scaling_study.json")
-    return (metrics, read_jsonl(trials_path) if trials_path.exists() else None,
+    return (metrics, read_artifact(trials_path, read_jsonl) if trials_path.exists() else None,
             [json.loads(p.read_text()) for p in BENCHMARK_FILES if p.exists()],
             json.loads(study_path.read_text()) if study_path.exists() else None)
 
@@ -2599,6 +2940,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt:
+        log.error("Interrupted: every finished stage is saved in the run directory; the same command resumes")
+        return 130
     return 0
 
 
