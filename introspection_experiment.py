@@ -2362,7 +2362,7 @@ def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]]
         "results": summarize([t for t in trials if t["experiment"] == "introspection"], eval_strengths),
         "training": {"steps": len(losses), "final_loss": losses[-1]["loss"] if losses else None},
         "capability": capability_summary(capability["base"], capability["finetuned"]),
-        **run_status(manifest, complete=cfg.skip_safety),
+        **run_status(manifest, complete=False),
     }
     write_results(run_dir, metrics, trials, losses, timer)
     model = ft_model.unload()  # removes the introspection LoRA layers: the untouched base model again
@@ -2373,8 +2373,10 @@ def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]]
                                            eval_strengths, run_dir, timer, evaluate, manifest)
         metrics["safety"] = {**info, "categories": SAFETY_CATEGORIES, "eval_questions": SAFETY_EVAL_QUESTIONS,
                              "results": summarize_safety([t for t in trials if t["experiment"] == "safety"], eval_strengths)}
-        metrics.update(run_status(manifest, complete=True))
+        metrics.update(run_status(manifest, complete=False))
         write_results(run_dir, metrics, trials, losses, timer)
+    metrics.update(run_status(manifest, complete=True))  # the completion mark, once every output is written
+    write_json(run_dir / "metrics.json", metrics)
     log.info("Results:\n%s", (run_dir / "results.md").read_text())
     log.info("Wrote %s", run_dir)
     return metrics
