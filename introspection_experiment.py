@@ -299,7 +299,8 @@ def validate_config(cfg: Config) -> None:
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"--lora-dropout is a probability: 0 <= p < 1, got {cfg.lora_dropout}")
     if not (cfg.control_temperature >= 0 and math.isfinite(cfg.control_temperature)):
-        raise ConfigError(f"--control-temperature must be a finite number >= 0 (0 = greedy), got {cfg.control_temperature}")
+        raise ConfigError(f"--control-temperature must be a finite number >= 0 (0 = greedy), "
+                          f"got {cfg.control_temperature}")
     if cfg.num_train_concepts is not None and cfg.num_train_concepts < 1:
         raise ConfigError("--num-train-concepts must be >= 1")
     if cfg.seeds is not None and len(set(cfg.seeds)) != len(cfg.seeds):
@@ -1969,6 +1970,22 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
+def read_object(path: Path) -> dict:
+    """A JSON file holding an object (ValueError otherwise)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def read_objects(path: Path) -> list[dict]:
+    """A JSON-lines file of objects (ValueError otherwise)."""
+    rows = read_jsonl(path)
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError("a line is not a JSON object")
+    return rows
+
+
 def read_json_or_none(path: Path):
     try:
         return read_json(path)
@@ -1995,7 +2012,8 @@ def run_dir_lock(run_dir: Path):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to finish or choose another --output-dir") from None
+        raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to finish or choose another "
+                          "--output-dir") from None
     try:
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -2025,13 +2043,17 @@ class Manifest:
         path = run_dir / MANIFEST_FILE
         if not path.exists():
             if leftovers := artifacts_in(run_dir, ignore=(CONFIG_FILE,)):
-                raise ConfigError(f"{run_dir} holds {', '.join(leftovers)} but no {MANIFEST_FILE} to verify them "
-                                  "(made by an older version, or the manifest was deleted); " + DAMAGED.format(dir=run_dir))
+                raise ConfigError(f"{run_dir} holds {', '.join(leftovers)} but no {MANIFEST_FILE} to verify them (made "
+                                  "by an older version, or the manifest was deleted); " + DAMAGED.format(dir=run_dir))
             return cls(run_dir, input_hash).save()
         data = read_artifact(path, read_json)
-        if not (isinstance(data, dict) and isinstance(data.get("artifacts"), dict) and isinstance(data.get("timings"), dict)):
+        if not (isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("artifacts", "timings"))):
             raise ConfigError(f"{path} is not a manifest (no artifacts/timings); " + DAMAGED.format(dir=run_dir))
-        return cls(run_dir, input_hash, data["artifacts"], data["timings"])
+        manifest = cls(run_dir, input_hash, data["artifacts"], data["timings"])
+        for name in manifest.artifacts:  # whole files and folders now; parts of a file when it is read (verify_parts)
+            if "[" not in name:
+                manifest.reusable_file(name)
+        return manifest
 
     def save(self) -> Manifest:
         write_json(self.dir / MANIFEST_FILE, {"input_hash": self.input_hash, "artifacts": self.artifacts,
@@ -2052,8 +2074,9 @@ class Manifest:
             raise ConfigError(f"{name} is recorded in {MANIFEST_FILE} but missing from {self.dir}; "
                               + DAMAGED.format(dir=self.dir))
         if entry.get("inputs") != self.input_hash:
-            raise ConfigError(f"{name} in {self.dir} was made from other inputs than this run's (manifest input hash "
-                              f"{str(entry.get('inputs'))[:8]}, this run {self.input_hash[:8]}); " + DAMAGED.format(dir=self.dir))
+            raise ConfigError(f"{name} in {self.dir} was made from other inputs than this run's (input hash "
+                              f"{str(entry.get('inputs'))[:8]} in the manifest, {self.input_hash[:8]} now); "
+                              + DAMAGED.format(dir=self.dir))
         if entry.get("sha256") != digest:
             raise ConfigError(f"{name} in {self.dir} does not match its checksum in {MANIFEST_FILE} (truncated or "
                               "modified after it was written); " + DAMAGED.format(dir=self.dir))
@@ -2062,6 +2085,12 @@ class Manifest:
     def record(self, name: str, digest: str) -> None:
         self.artifacts[name] = {"sha256": digest, "inputs": self.input_hash}
         self.save()
+
+    def verify_parts(self, file: str, digests: dict[str, str]) -> None:
+        """Check every recorded part of `file` ("file[part]") against `digests`, the digest of each part it holds."""
+        for name in self.artifacts:
+            if name.startswith(file + "["):
+                self.reusable(name, digests.get(name))
 
     def reusable_file(self, name: str) -> bool:
         return self.reusable(name, artifact_digest(self.dir / name))
@@ -2074,11 +2103,13 @@ def saved_run_diff(saved, cfg: Config, record: dict) -> list[str]:
     """What differs between a run directory's config.json and this run's record (config fields, resolved values,
     input file contents)."""
     resolved = saved.get("resolved") or {}
-    diff = config_diff(saved["config"], cfg) + [f"resolved {k}" for k, v in record["resolved"].items() if resolved.get(k) != v]
+    diff = config_diff(saved["config"], cfg)
+    diff += [f"resolved {k}" for k, v in record["resolved"].items() if resolved.get(k) != v]
     if not isinstance(saved.get("inputs"), dict):
         return diff + ["input contents not recorded (a run of an older version)"]
     inputs, current = saved["inputs"], record["inputs"]
-    return diff + [f"contents of {k}" for k in sorted(inputs.keys() | current.keys()) if inputs.get(k) != current.get(k)]
+    return diff + [f"contents of {k}" for k in sorted(inputs.keys() | current.keys())
+                   if inputs.get(k) != current.get(k)]
 
 
 def claim_run_dir(run_dir: Path, cfg: Config, resolved: dict) -> Manifest:
@@ -2104,6 +2135,27 @@ def claim_run_dir(run_dir: Path, cfg: Config, resolved: dict) -> Manifest:
     return manifest
 
 
+def trials_part(experiment: str, state: str) -> str:
+    """The manifest name of one evaluation's rows in trials.jsonl."""
+    return f"trials.jsonl[{experiment}/{state}]"
+
+
+def row_part(row: dict) -> str:
+    return trials_part(row.get("experiment"), row.get("state"))
+
+
+def trial_part_digests(trials: list[dict]) -> dict[str, str]:
+    """The digest of each evaluation's rows in `trials`, by manifest name (trials_part)."""
+    groups: dict[str, list[dict]] = {}
+    for row in trials:
+        groups.setdefault(row_part(row), []).append(row)
+    return {name: rows_digest(rows) for name, rows in groups.items()}
+
+
+def capability_part(state: str) -> str:
+    return f"capability.json[{state}]"
+
+
 def run_status(manifest: Manifest, complete: bool) -> dict:
     """The completion mark of metrics.json: complete, or partial, with the finished artifacts."""
     return {"status": "complete" if complete else "partial", "stages_done": list(manifest.artifacts)}
@@ -2118,20 +2170,18 @@ def require_complete(metrics, source) -> dict:
     if status is None:
         log.warning("%s has no completion mark (written before runs recorded one): assuming it is complete", source)
     elif status != "complete":
-        raise ConfigError(f"{source} is from a run that did not finish (status {status}; done: "
-                          f"{', '.join(metrics.get('stages_done') or []) or 'nothing'}); rerun the same command to finish it")
+        done = ", ".join(metrics.get("stages_done") or []) or "nothing"
+        raise ConfigError(f"{source} is from a run that did not finish (status {status}; done: {done}); rerun the "
+                          "same command to finish it")
     return metrics
 
 
 def finished_metrics(run_dir: Path, cfg: Config) -> dict | None:
     """The metrics of a finished run of exactly this config and these input contents in run_dir, or None (absent,
     another config, or not finished: the caller resumes it)."""
-    try:
-        saved = json.loads((run_dir / CONFIG_FILE).read_text())
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(saved, dict) or config_diff(saved.get("config") or {}, cfg) or saved.get("inputs") != input_digests(cfg):
+    saved, metrics = read_json_or_none(run_dir / CONFIG_FILE), read_json_or_none(run_dir / "metrics.json")
+    same = isinstance(saved, dict) and isinstance(saved.get("config"), dict) and not config_diff(saved["config"], cfg)
+    if not same or saved.get("inputs") != input_digests(cfg) or not isinstance(metrics, dict):
         return None
     if metrics.get("status") != "complete":
         log.info("%s did not finish (status %s): resuming it", run_dir, metrics.get("status"))
@@ -2239,7 +2289,8 @@ def safety_stage(model, tok, cfg: Config, baseline_words: list[str], typical_nor
     evaluate("safety", "probe", lambda: run_probe(model, tok, probe_training_trials(train_strengths), spec, vectors,
                                                   typical_norm, cfg))
     adapter, losses = load_or_train_adapter(model, run_dir / "safety_adapter", timer, "safety_train",
-                                            lambda: train_lora(model, tok, dataset, vectors, typical_norm, cfg), manifest)
+                                            lambda: train_lora(model, tok, dataset, vectors, typical_norm, cfg),
+                                            manifest)
     evaluate("safety", "safety_adapter",
              lambda: run_trials(adapter, tok, spec, vectors, typical_norm, cfg, "safety_adapter", "safety"))
     adapter.unload()
@@ -2250,14 +2301,20 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
     """The whole pipeline for one config. `loaded` = (model, tokenizer, info) from load_model reuses a model already
     in memory (studies and seeds); the model is handed back without adapters. Every input is checked, and the run
     directory locked and claimed (config.json), before the model loads."""
-    validate_config(cfg)
-    concepts = load_concepts(cfg)
-    train_strengths = cfg.train_strengths or DEFAULT_STRENGTHS.get(cfg.model, PAPER_STRENGTHS)
-    resolved = {"layer": layer_in_range(cfg, model_num_layers(cfg.model)), "train_strengths": train_strengths,
-                "eval_strengths": cfg.eval_strengths or train_strengths}
+    concepts, resolved = checked_run(cfg)
     run_dir = prepare_run_dir(cfg)
     with run_dir_lock(run_dir):
         return run_stages(cfg, loaded, concepts, resolved, run_dir, claim_run_dir(run_dir, cfg, resolved))
+
+
+def checked_run(cfg: Config) -> tuple[dict[str, list[str]], dict]:
+    """Every check of a run that needs no weights, in one place: the settings, the concept lists, and the layer
+    (against the model's config) and strengths the run will use (returned as `resolved`)."""
+    validate_config(cfg)
+    concepts = load_concepts(cfg)
+    train_strengths = cfg.train_strengths or DEFAULT_STRENGTHS.get(cfg.model, PAPER_STRENGTHS)
+    return concepts, {"layer": layer_in_range(cfg, model_num_layers(cfg.model)), "train_strengths": train_strengths,
+                      "eval_strengths": cfg.eval_strengths or train_strengths}
 
 
 def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]], resolved: dict, run_dir: Path,
@@ -2266,6 +2323,11 @@ def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]]
     timer = Timer(run_dir / "timings.json", manifest)
     log.info("Run directory: %s", run_dir)
     layer, train_strengths, eval_strengths = resolved["layer"], resolved["train_strengths"], resolved["eval_strengths"]
+    trials_path, capability_path = run_dir / "trials.jsonl", run_dir / "capability.json"
+    trials = read_artifact(trials_path, read_objects) if trials_path.exists() else []
+    capability = read_artifact(capability_path, read_object) if capability_path.exists() else {}
+    manifest.verify_parts(trials_path.name, trial_part_digests(trials))
+    manifest.verify_parts(capability_path.name, {capability_part(k): json_digest(v) for k, v in capability.items()})
 
     # 1. model
     if loaded is None:
@@ -2301,29 +2363,23 @@ def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]]
     log.info("Dataset: %d examples (%d with a concept, %d with a random direction, over %d training concepts)",
              len(dataset), sum(c in vectors for c in dataset["concept"]), len(train_randoms), len(concepts["train"]))
 
-    trials_path = run_dir / "trials.jsonl"
-    trials = read_artifact(trials_path, read_jsonl) if trials_path.exists() else []
-
     def evaluate(experiment: str, state: str, produce) -> None:
         """Run one (experiment, model state) evaluation unless trials.jsonl holds all its rows as the manifest
         recorded them."""
         nonlocal trials
-        name, ours = f"trials.jsonl[{experiment}/{state}]", lambda t: t["experiment"] == experiment and t["state"] == state
-        if manifest.reusable(name, rows_digest([t for t in trials if ours(t)])):
+        name = trials_part(experiment, state)
+        if manifest.reusable(name, trial_part_digests(trials).get(name)):
             log.info("Loaded %s evaluation of %s from %s", experiment, state, trials_path)
             return
         with timer.stage(f"eval_{experiment}_{state}"):
             rows = produce()
-            trials = [t for t in trials if not ours(t)] + rows
+            trials = [t for t in trials if row_part(t) != name] + rows
             write_jsonl(trials_path, trials)
         manifest.record(name, rows_digest(rows))
 
-    capability_path = run_dir / "capability.json"
-    capability = read_artifact(capability_path, read_json) if capability_path.exists() else {}
-
     def measure(state: str, state_model) -> None:
         """Capability retention of one model state unless capability.json holds it as the manifest recorded it."""
-        name = f"capability.json[{state}]"
+        name = capability_part(state)
         if not manifest.reusable(name, json_digest(capability.get(state))):
             with timer.stage(f"capability_{state}"):
                 capability[state] = measure_capability(state_model, tok, cfg)
@@ -2418,15 +2474,18 @@ def headline(metrics: dict) -> dict[str, float | None]:
 
 def run_seeds(cfg: Config) -> dict:
     """The pipeline once per seed (each its own run directory; one model load), then mean ± sd (sample) over seeds
-    of each headline rate, written to seeds.json and seeds.md."""
+    of each headline rate, written to seeds.json and seeds.md. The folder of the seeds is locked for the whole
+    run, and every input is checked before the model loads."""
     validate_config(cfg)
     single = dataclasses.replace(cfg, seeds=None, output_dir=None)
-    base = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    checked_run(single)
+    base = prepare_run_dir(cfg)
     loaded, per_seed = None, {}
-    for seed in cfg.seeds:
-        seed_cfg = dataclasses.replace(single, seed=seed, output_dir=str(base / f"seed-{seed}"))
-        loaded = loaded or load_model(seed_cfg)
-        per_seed[seed] = headline(run(seed_cfg, loaded))
+    with run_dir_lock(base):
+        for seed in cfg.seeds:
+            seed_cfg = dataclasses.replace(single, seed=seed, output_dir=str(base / f"seed-{seed}"))
+            loaded = loaded or load_model(seed_cfg)
+            per_seed[seed] = headline(run(seed_cfg, loaded))
     summary = {}
     for name in per_seed[cfg.seeds[0]]:
         values = [per_seed[seed][name] for seed in cfg.seeds if per_seed[seed][name] is not None]
