@@ -1895,9 +1895,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=run_dir).close()  # a uniquely named probe: processes starting together never collide
     except OSError as e:
         raise ConfigError(f"output directory {run_dir} is not writable: {e.strerror or e}") from None
     return run_dir

@@ -257,19 +257,24 @@ def test_an_interrupted_run_is_partial_and_refused_by_its_readers(copy, caplog, 
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_results(complete, tmp_path, caplog):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_signal_mid_training_then_rerun_gives_the_uninterrupted_results(complete, tmp_path, caplog, sig):
     args = complete[1][:-1] + [str(tmp_path / "run")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "introspection_experiment.py"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     manifest = tmp_path / "run" / "manifest.json"
     deadline = time.time() + 300
     while time.time() < deadline and "capability.json[base]" not in (manifest.read_text() if manifest.exists() else ""):
         time.sleep(0.1)
     time.sleep(3)  # into the training stage (about 20 s here)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert "adapter" not in json.loads(manifest.read_text())["artifacts"], "killed too late: training had finished"
+    proc.send_signal(sig)
+    output = proc.communicate()[0]
+    assert "adapter" not in json.loads(manifest.read_text())["artifacts"], "signalled too late: training had finished"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "Traceback" not in output
+        assert output.strip().splitlines()[-1].endswith("Interrupted: every finished stage is saved in the run "
+                                                        "directory; the same command resumes")
     code, text, _ = run_main(args, caplog)
     assert code == 0 and "Loaded introspection evaluation of base" in text and "Trained" in text
     assert outputs(tmp_path / "run") == outputs(complete[0])
