@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import introspection_experiment as ie
+from conftest import load_paper_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volcano", "galaxy"],
@@ -30,10 +31,10 @@ def tiny_args(folder: Path, out: Path) -> list[str]:
     return TINY + ["--concepts-file", str(concepts), "--output-dir", str(out)]
 
 
-def run_main(args, caplog):
-    """Exit code, log text and the error lines of one in-process run."""
+def run_main(args, caplog, main=ie.main):
+    """Exit code, log text and the error lines of one in-process run of `main`."""
     caplog.clear()
-    code = ie.main(args)
+    code = main(args)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     return code, caplog.text, errors
 
@@ -121,7 +122,7 @@ def test_concurrent_atomic_writes_never_collide_and_readers_never_see_a_partial_
 def test_a_changed_concepts_file_is_not_the_same_run(copy, caplog, split):
     run_dir, args = copy
     path = Path(args[args.index("--concepts-file") + 1])
-    cfg = ie.config_from_args(args)
+    cfg = ie.resolve_config(ie.config_from_args(args))
     before, original = ie.config_hash(cfg), path.read_text()
     try:
         path.write_text(json.dumps({**CONCEPTS, split: CONCEPTS[split][:-1] + ["spider"]}))
@@ -246,10 +247,11 @@ def test_an_interrupted_run_is_partial_and_refused_by_its_readers(copy, caplog, 
     assert code == 130 and len(errors) == 1 and "the same command resumes" in errors[0] and "Traceback" not in text
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "partial" and "adapter" in metrics["stages_done"]
-    monkeypatch.setattr(ie, "PAPER_DIR", run_dir / "paper")
-    assert one_line_refusal(*run_main(["--paper-tables-from", str(run_dir)], caplog), "did not finish", "partial")
+    tables = load_paper_tables()
+    monkeypatch.setattr(tables, "PAPER_DIR", run_dir / "paper")
+    assert one_line_refusal(*run_main([str(run_dir)], caplog, tables.main), "did not finish", "partial")
     assert not (run_dir / "paper").exists()
-    cfg = ie.config_from_args(args)
+    cfg = ie.resolve_config(ie.config_from_args(args))
     assert ie.finished_metrics(run_dir, cfg) is None  # the study resumes it
     code, text, _ = run_main(args, caplog)  # nothing was lost: the rerun only writes the results
     assert code == 0 and "Trained" not in text and "recomputing" not in text

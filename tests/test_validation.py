@@ -5,6 +5,7 @@ import time
 import pytest
 
 import introspection_experiment as ie
+from conftest import load_paper_tables
 
 TINY = ["--model", "random:tiny", "--dtype", "float32"]
 
@@ -15,15 +16,15 @@ def no_model_load(monkeypatch):
     def refuse(*_):
         raise AssertionError("the model was loaded before the input was checked")
     monkeypatch.setattr(ie, "load_model", refuse)
-    ie.model_num_layers.cache_clear()
+    ie.model_depth.cache_clear()
     yield
-    ie.model_num_layers.cache_clear()
+    ie.model_depth.cache_clear()
 
 
-def refused(args, caplog, *words) -> bool:
-    """Whether `args` exit 2 with one error line containing `words`, no traceback."""
+def refused(args, caplog, *words, main=ie.main) -> bool:
+    """Whether `args` (to `main`) exit 2 with one error line containing `words`, no traceback."""
     caplog.clear()
-    code = ie.main(args)
+    code = main(args)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     return (code == 2 and len(errors) == 1 and "\n" not in errors[0] and "Traceback" not in caplog.text
             and all(w in errors[0] for w in words))
@@ -89,9 +90,10 @@ def test_vocabulary_words_sharing_a_form_with_a_held_out_concept_are_not_drawn(t
 @pytest.mark.parametrize("text,words", [("", ["cannot read run metrics"]), ("{}", ["not a run's metrics"]),
                                         ("[]", ["not a run's metrics"])])
 def test_paper_tables_from_an_empty_or_foreign_json(tmp_path, caplog, monkeypatch, text, words):
-    monkeypatch.setattr(ie, "PAPER_DIR", tmp_path / "paper")
+    tables = load_paper_tables()
+    monkeypatch.setattr(tables, "PAPER_DIR", tmp_path / "paper")
     (tmp_path / "metrics.json").write_text(text)
-    assert refused(["--paper-tables-from", str(tmp_path / "metrics.json")], caplog, *words)
+    assert refused([str(tmp_path / "metrics.json")], caplog, *words, main=tables.main)
     assert not (tmp_path / "paper").exists()
 
 
