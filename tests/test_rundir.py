@@ -267,9 +267,9 @@ def test_a_signal_mid_training_then_rerun_gives_the_uninterrupted_results(comple
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     manifest = tmp_path / "run" / "manifest.json"
     deadline = time.time() + 300
-    while time.time() < deadline and "capability.json[base]" not in (manifest.read_text() if manifest.exists() else ""):
+    while time.time() < deadline and "[introspection/base]" not in (manifest.read_text() if manifest.exists() else ""):
         time.sleep(0.1)
-    time.sleep(3)  # into the training stage (about 20 s here)
+    time.sleep(3)  # the base evaluation is recorded: into the training stage (about 20 s here)
     proc.send_signal(sig)
     output = proc.communicate()[0]
     assert "adapter" not in json.loads(manifest.read_text())["artifacts"], "signalled too late: training had finished"
