@@ -46,6 +46,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 import zlib
@@ -292,8 +293,10 @@ def parse_strength(spec: str) -> tuple[float, str]:
         value = float(text[:-1] if unit == "norm" else text)
     except ValueError:
         raise ConfigError(f"bad strength {spec!r}: use an absolute alpha like 40 or a norm multiple like 1.5x") from None
-    if value < 0 or not math.isfinite(value):
-        raise ConfigError(f"bad strength {spec!r}: must be a finite number >= 0")
+    if not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"bad strength {spec!r}: must be a finite number > 0 (no injection is what the negatives and "
+                          "controls are for)")
+
     return value, unit
 
 
@@ -321,6 +324,13 @@ def validate_config(cfg: Config) -> None:
     if not 0 <= cfg.random_negatives <= 1:
         raise ConfigError("--random-negatives is a fraction of the negatives: between 0 and 1")
     validate_language_modelling(cfg)
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout is a probability: 0 <= p < 1, got {cfg.lora_dropout}")
+    if not (cfg.control_temperature >= 0 and math.isfinite(cfg.control_temperature)):
+        raise ConfigError(f"--control-temperature must be a finite number >= 0 (0 = greedy), "
+                          f"got {cfg.control_temperature}")
     if cfg.num_train_concepts is not None and cfg.num_train_concepts < 1:
         raise ConfigError("--num-train-concepts must be >= 1")
     if cfg.seeds is not None and len(set(cfg.seeds)) != len(cfg.seeds):
@@ -353,12 +363,16 @@ def resolve_config(cfg: Config) -> Config:
                                eval_strengths=list(cfg.eval_strengths or train_strengths))
 
 
+@functools.lru_cache(maxsize=8)
 def model_depth(name: str) -> int:
     """The number of decoder layers of a model, from its configuration alone: RANDOM_SHAPES for random:SHAPE, the GGUF
-    metadata of the embedded model, the hub (or folder) config otherwise."""
+    metadata of the embedded model, the hub (or folder) config otherwise; a hub model that is not cached fails in one
+    line, without retries, when the hub is offline (HF_HUB_OFFLINE) or unreachable."""
     from transformers import AutoConfig
     if name.startswith("random:"):
         return random_shape(name)["num_hidden_layers"]
+    if name != EMBEDDED_MODEL and not Path(name).is_dir():
+        hub_model_available(name)
     try:
         if name == EMBEDDED_MODEL:
             config = AutoConfig.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
@@ -369,6 +383,30 @@ def model_depth(name: str) -> int:
     return (getattr(config, "text_config", None) or config).num_hidden_layers
 
 
+def hub_model_available(name: str) -> None:
+    """Refuse, at once, a hub model that is not in the local cache while the hub is offline or unreachable."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise model_load_error(name, "not in the local cache, and HF_HUB_OFFLINE is set")
+    if not hub_reachable():
+        raise model_load_error(name, f"not in the local cache, and {constants.ENDPOINT} cannot be reached")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint accepts a TCP connection within `timeout` s (instead of a minute of retries)."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def random_shape(name: str) -> dict:
     """The LlamaConfig arguments of a random:SHAPE model."""
     shape = name.split(":", 1)[1]
@@ -377,7 +415,7 @@ def random_shape(name: str) -> dict:
     return RANDOM_SHAPES[shape]
 
 
-def model_load_error(name: str, e: Exception) -> ConfigError:
+def model_load_error(name: str, e: Exception | str) -> ConfigError:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return ConfigError(f"cannot load model '{name}' ({reason}). Check the hub id and your network, set HF_TOKEN for "
                        f"gated models, or run offline with --model {EMBEDDED_MODEL}")
@@ -395,22 +433,44 @@ def load_concepts(cfg: Config) -> dict[str, list[str]]:
         if unknown:
             raise ConfigError(f"concepts file keys must be among train/heldout/baseline, got {sorted(unknown)}")
         concepts.update(given)
-    seen: dict[str, str] = {}
-    for split, words in concepts.items():
-        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-            raise ConfigError(f"concept list '{split}' must be a non-empty list of words")
-        for w in words:
-            if w in seen:
-                raise ConfigError(f"duplicate concept '{w}' (in '{seen[w]}' and '{split}')")
-            seen[w] = split
-    concepts = {k: list(v) for k, v in concepts.items()}
+    concepts = normalised_concepts(concepts)
     if cfg.num_train_concepts is not None:
-        pool = concepts["train"] + [w for w in vocabulary() if w not in seen]
+        taken = {f for words in concepts.values() for w in words for f in concept_forms(w)}
+        pool = concepts["train"] + [w for w in vocabulary() if not concept_forms(w) & taken]
         if cfg.num_train_concepts > len(pool):
             raise ConfigError(f"--num-train-concepts {cfg.num_train_concepts} exceeds the {len(pool)} available "
                               f"(training list + {VOCABULARY_FILE.name})")
         concepts["train"] = pool[:cfg.num_train_concepts]
+    check_heldout_forms(concepts)
     return concepts
+
+
+def normalised_concepts(concepts: dict) -> dict[str, list[str]]:
+    """Each list stripped and lower-cased (the grader ignores case; ' fire ' could never be named); refuses empty
+    lists, non-words and a concept listed twice."""
+    seen: dict[str, str] = {}
+    out = {}
+    for split, words in concepts.items():
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+            raise ConfigError(f"concept list '{split}' must be a non-empty list of words")
+        out[split] = [w.strip().lower() for w in words]
+        for w in out[split]:
+            if w in seen:
+                raise ConfigError(f"duplicate concept '{w}' (in '{seen[w]}' and '{split}')")
+            seen[w] = split
+    return out
+
+
+def check_heldout_forms(concepts: dict[str, list[str]]) -> None:
+    """Refuse a held-out concept that shares a form the grader accepts (concept_forms: plurals, case) with a training
+    concept: naming the training concept would count as naming the held-out one."""
+    train_forms = {f: w for w in concepts["train"] for f in concept_forms(w)}
+    for w in concepts["heldout"]:
+        if shared := sorted(concept_forms(w) & train_forms.keys()):
+            raise ConfigError(f"held-out concept '{w}' shares the form '{shared[0]}' with training concept "
+                              f"'{train_forms[shared[0]]}': the grader could not tell them apart; drop one of them")
+
+
 
 
 def vocabulary() -> list[str]:
@@ -424,22 +484,23 @@ def vocabulary() -> list[str]:
 # Run directory: atomic artifacts, resume, environment, timings, the run's record of trials; markdown tables
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary sibling path and move it into place only if the block succeeds."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
+    """Yield a path for the block to create (a file or a folder) inside a uniquely named temporary sibling folder, and
+    rename it into place only if the block succeeds: concurrent writers never share a temporary, and readers see the
+    old artifact or the new one, never a partial one."""
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX))
+    tmp = staging / path.name
     try:
         yield tmp
-        if path.is_dir():
-            shutil.rmtree(path)
+        if path.is_dir():  # a folder cannot be replaced by rename: move the old one out of the way first
+            os.replace(path, staging / (path.name + ".old"))
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json(path: Path, data) -> None:
@@ -467,8 +528,10 @@ def run_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "output_dir"}
 
 
-def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(run_settings(dataclasses.asdict(cfg)), sort_keys=True).encode()).hexdigest()[:8]
+def config_hash(cfg: Config, length: int = 8) -> str:
+    """A content address of a run: its settings and the contents of every input file (run_input_files)."""
+    identity = {"settings": run_settings(dataclasses.asdict(cfg)), "inputs": input_digests(cfg)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:length]
 
 
 def config_diff(saved: dict, cfg: Config) -> list[str]:
@@ -483,20 +546,298 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create (or reopen) the run directory; refuse a directory holding a run with a different config."""
+    """Create (or reopen) the run directory and check that it is writable (claim_run_dir checks what it holds)."""
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=run_dir).close()  # a uniquely named probe: processes starting together never collide
     except OSError as e:
         raise ConfigError(f"output directory {run_dir} is not writable: {e.strerror or e}") from None
-    saved = run_dir / "config.json"
-    if saved.exists() and (diff := config_diff(json.loads(saved.read_text())["config"], cfg)):
-        raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
-                          "choose another --output-dir")
     return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run directory: one process at a time, content-addressed inputs, a manifest of verified artifacts, a completion mark
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+DAMAGED = "delete {dir} and rerun, or choose another --output-dir"  # what to do about a damaged run directory
+
+
+def run_input_files(cfg: Config) -> dict[str, Path]:
+    """Every file whose contents a run reads, besides the model: the concepts file and all files shipped in data/."""
+    files = {"concepts_file": Path(cfg.concepts_file)} if cfg.concepts_file else {}
+    files.update({f"data/{p.name}": p for p in sorted(DATA_DIR.iterdir()) if p.is_file()})
+    return files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_digest(path: Path) -> str | None:
+    """sha256 of a file, or of a folder's files (relative names and contents, in name order); None if absent."""
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def rows_digest(rows: list[dict]) -> str | None:
+    """sha256 of rows as write_jsonl writes them (so rows read back give the same digest); None for no rows."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return hashlib.sha256(text.encode()).hexdigest() if rows else None
+
+
+def json_digest(value) -> str | None:
+    return None if value is None else hashlib.sha256(
+        json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def input_digests(cfg: Config) -> dict[str, str]:
+    """sha256 of each input file's contents (run_input_files)."""
+    try:
+        return {name: sha256_file(path) for name, path in run_input_files(cfg).items()}
+    except OSError as e:
+        raise ConfigError(f"cannot read input file {e.filename}: {e.strerror or e}") from None
+
+
+def read_artifact(path: Path, read):
+    """read(path), an unreadable (truncated or corrupted) file reported in one line."""
+    try:
+        return read(path)
+    except Exception as e:  # whatever the parser raises on damaged bytes
+        raise ConfigError(f"{path.name} in {path.parent} is unreadable ({type(e).__name__}: truncated or modified); "
+                          + DAMAGED.format(dir=path.parent)) from None
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def read_object(path: Path) -> dict:
+    """A JSON file holding an object (ValueError otherwise)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def read_objects(path: Path) -> list[dict]:
+    """A JSON-lines file of objects (ValueError otherwise)."""
+    rows = read_jsonl(path)
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError("a line is not a JSON object")
+    return rows
+
+
+def read_json_or_none(path: Path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def artifacts_in(run_dir: Path, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names in a run directory other than the lock, the manifest, temporaries and `ignore`."""
+    skip = {LOCK_FILE, MANIFEST_FILE, *ignore}
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in skip and not p.name.endswith(TEMPORARY_SUFFIX))
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold an exclusive lock (flock on run_dir/.lock) for the block; a second process gets one line naming the
+    holder. Temporaries left by a killed run are removed once the lock is held."""
+    import fcntl
+    import socket
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to finish or choose another "
+                          "--output-dir") from None
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+        handle.flush()
+        for leftover in run_dir.glob(f".*{TEMPORARY_SUFFIX}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+class Manifest:
+    """manifest.json of a run directory: each finished artifact (a file, a folder, or one part of a file such as one
+    evaluation's rows) with its sha256 and the hash of the inputs it was made from, and the stage times. An entry is
+    written after its artifact, so an artifact without one is from a run that stopped before recording it."""
+
+    def __init__(self, run_dir: Path, input_hash: str, artifacts: dict | None = None, timings: dict | None = None):
+        self.dir, self.input_hash = run_dir, input_hash
+        self.artifacts, self.timings = artifacts or {}, timings or {}
+
+    @classmethod
+    def open(cls, run_dir: Path, input_hash: str) -> Manifest:
+        """The saved manifest of a claimed run directory (a new one if the directory holds no artifacts)."""
+        path = run_dir / MANIFEST_FILE
+        if not path.exists():
+            if leftovers := artifacts_in(run_dir, ignore=(CONFIG_FILE,)):
+                raise ConfigError(f"{run_dir} holds {', '.join(leftovers)} but no {MANIFEST_FILE} to verify them (made "
+                                  "by an older version, or the manifest was deleted); " + DAMAGED.format(dir=run_dir))
+            return cls(run_dir, input_hash).save()
+        data = read_artifact(path, read_json)
+        if not (isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("artifacts", "timings"))):
+            raise ConfigError(f"{path} is not a manifest (no artifacts/timings); " + DAMAGED.format(dir=run_dir))
+        manifest = cls(run_dir, input_hash, data["artifacts"], data["timings"])
+        for name in manifest.artifacts:  # whole files and folders now; parts of a file when it is read (verify_parts)
+            if "[" not in name:
+                manifest.reusable_file(name)
+        return manifest
+
+    def save(self) -> Manifest:
+        write_json(self.dir / MANIFEST_FILE, {"input_hash": self.input_hash, "artifacts": self.artifacts,
+                                              "timings": self.timings})
+        return self
+
+    def reusable(self, name: str, digest: str | None) -> bool:
+        """Whether the artifact `name`, whose current sha256 is `digest` (None: absent), is finished and intact.
+        False means compute it; a damaged or foreign artifact is refused in one line."""
+        entry = self.artifacts.get(name)
+        if digest is None and entry is None:
+            return False
+        if entry is None:
+            log.info("%s in %s has no manifest entry (its run stopped before recording it): recomputing that stage",
+                     name, self.dir)
+            return False
+        if digest is None:
+            raise ConfigError(f"{name} is recorded in {MANIFEST_FILE} but missing from {self.dir}; "
+                              + DAMAGED.format(dir=self.dir))
+        if entry.get("inputs") != self.input_hash:
+            raise ConfigError(f"{name} in {self.dir} was made from other inputs than this run's (input hash "
+                              f"{str(entry.get('inputs'))[:8]} in the manifest, {self.input_hash[:8]} now); "
+                              + DAMAGED.format(dir=self.dir))
+        if entry.get("sha256") != digest:
+            raise ConfigError(f"{name} in {self.dir} does not match its checksum in {MANIFEST_FILE} (truncated or "
+                              "modified after it was written); " + DAMAGED.format(dir=self.dir))
+        return True
+
+    def record(self, name: str, digest: str) -> None:
+        self.artifacts[name] = {"sha256": digest, "inputs": self.input_hash}
+        self.save()
+
+    def verify_parts(self, file: str, digests: dict[str, str]) -> None:
+        """Check every recorded part of `file` ("file[part]") against `digests`, the digest of each part it holds."""
+        for name in self.artifacts:
+            if name.startswith(file + "["):
+                self.reusable(name, digests.get(name))
+
+    def reusable_file(self, name: str) -> bool:
+        return self.reusable(name, artifact_digest(self.dir / name))
+
+    def record_file(self, name: str) -> None:
+        self.record(name, artifact_digest(self.dir / name))
+
+
+def saved_run_diff(saved, cfg: Config, record: dict) -> list[str]:
+    """What differs between a run directory's config.json and this run's record (resolved config fields, input file
+    contents)."""
+    diff = config_diff(saved["config"], cfg)
+    if not isinstance(saved.get("inputs"), dict):
+        return diff + ["input contents not recorded (a run of an older version)"]
+    inputs, current = saved["inputs"], record["inputs"]
+    return diff + [f"contents of {k}" for k in sorted(inputs.keys() | current.keys())
+                   if inputs.get(k) != current.get(k)]
+
+
+def claim_run_dir(run_dir: Path, cfg: Config) -> Manifest:
+    """Before any stage, with the lock held: check that the directory's config.json matches this run (the resolved
+    config and the input contents) or write it into a directory without artifacts. Artifacts that no matching
+    config.json vouches for are refused."""
+    record = {"config": dataclasses.asdict(cfg), "inputs": input_digests(cfg)}
+    input_hash = config_hash(cfg, length=64)
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        saved = read_artifact(path, read_json)
+        if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
+            raise ConfigError(f"{path} is not a run config (no 'config' object); " + DAMAGED.format(dir=run_dir))
+        if diff := saved_run_diff(saved, cfg, record):
+            raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
+                              "choose another --output-dir")
+        return Manifest.open(run_dir, input_hash)
+    if leftovers := artifacts_in(run_dir):
+        raise ConfigError(f"{run_dir} holds {', '.join(leftovers)} but no {CONFIG_FILE}: they cannot be matched to "
+                          "a config, so they are not reused; choose another --output-dir (or empty it)")
+    manifest = Manifest(run_dir, input_hash).save()
+    write_json(path, record)
+    return manifest
+
+
+def trials_part(experiment: str, state: str) -> str:
+    """The manifest name of one evaluation's rows in trials.jsonl."""
+    return f"trials.jsonl[{experiment}/{state}]"
+
+
+def row_part(row: dict) -> str:
+    return trials_part(row.get("experiment"), row.get("state"))
+
+
+def trial_part_digests(trials: list[dict]) -> dict[str, str]:
+    """The digest of each evaluation's rows in `trials`, by manifest name (trials_part)."""
+    groups: dict[str, list[dict]] = {}
+    for row in trials:
+        groups.setdefault(row_part(row), []).append(row)
+    return {name: rows_digest(rows) for name, rows in groups.items()}
+
+
+def capability_part(state: str) -> str:
+    return f"capability.json[{state}]"
+
+
+def run_status(manifest: Manifest, complete: bool) -> dict:
+    """The completion mark of metrics.json: complete, or partial, with the finished artifacts."""
+    return {"status": "complete" if complete else "partial", "stages_done": list(manifest.artifacts)}
+
+
+def require_complete(metrics, source) -> dict:
+    """A run's metrics, refused in one line unless the run finished (status complete). Metrics written before runs
+    carried a status are accepted with a warning."""
+    if not (isinstance(metrics, dict) and isinstance(metrics.get("results"), dict) and "settings" in metrics):
+        raise ConfigError(f"{source} is not a run's metrics (no results or settings)")
+    status = metrics.get("status")
+    if status is None:
+        log.warning("%s has no completion mark (written before runs recorded one): assuming it is complete", source)
+    elif status != "complete":
+        done = ", ".join(metrics.get("stages_done") or []) or "nothing"
+        raise ConfigError(f"{source} is from a run that did not finish (status {status}; done: {done}); rerun the "
+                          "same command to finish it")
+    return metrics
+
+
+def finished_metrics(run_dir: Path, cfg: Config) -> dict | None:
+    """The metrics of a finished run of exactly this config and these input contents in run_dir, or None (absent,
+    another config, or not finished: the caller resumes it)."""
+    saved, metrics = read_json_or_none(run_dir / CONFIG_FILE), read_json_or_none(run_dir / "metrics.json")
+    same = isinstance(saved, dict) and isinstance(saved.get("config"), dict) and not config_diff(saved["config"], cfg)
+    if not same or saved.get("inputs") != input_digests(cfg) or not isinstance(metrics, dict):
+        return None
+    if metrics.get("status") != "complete":
+        log.info("%s did not finish (status %s): resuming it", run_dir, metrics.get("status"))
+        return None
+    return metrics
 
 
 def environment() -> dict:
@@ -514,12 +855,15 @@ def environment() -> dict:
 
 
 class Timer:
-    """Seconds (and, on CUDA, peak GPU memory) per stage, kept in timings.json so a resumed run still reports the
-    original stage times. CUDA work is synchronised at the stage boundaries so that the times are real."""
+    """Seconds (and, on CUDA, peak GPU memory) per stage, kept in the run's manifest (timings.json is a copy) so a
+    resumed run still reports the original stage times. CUDA work is synchronised at the stage boundaries so that the
+    times are real."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.times = json.loads(path.read_text()) if path.exists() else {}
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path, self.manifest, self.times = path, manifest, manifest.timings
+        if read_json_or_none(path) != self.times and (self.times or path.exists()):
+            log.info("%s did not match the stage times in %s: rewritten from them", path, MANIFEST_FILE)
+            write_json(path, self.times)
 
     @contextmanager
     def stage(self, name: str):
@@ -533,6 +877,7 @@ class Timer:
             torch.cuda.synchronize()
             self.times[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.times[name] = round(time.perf_counter() - start, 3)
+        self.manifest.save()
         write_json(self.path, self.times)
 
 
@@ -541,49 +886,61 @@ class RunState:
     capability measurements (capability.json). Each evaluation and each measurement runs once; a resumed run loads
     them instead."""
 
-    def __init__(self, cfg: Config):
-        self.run_dir = prepare_run_dir(cfg)
-        self.timer = Timer(self.run_dir / "timings.json")
+    def __init__(self, run_dir: Path, manifest: Manifest):
+        self.run_dir, self.manifest = run_dir, manifest
+        self.timer = Timer(self.run_dir / "timings.json", manifest)
         self.trials_path, self.capability_path = self.run_dir / "trials.jsonl", self.run_dir / "capability.json"
-        self.trials = read_jsonl(self.trials_path) if self.trials_path.exists() else []
-        self.capability = json.loads(self.capability_path.read_text()) if self.capability_path.exists() else {}
+        self.trials = read_artifact(self.trials_path, read_objects) if self.trials_path.exists() else []
+        self.capability = read_artifact(self.capability_path, read_object) if self.capability_path.exists() else {}
+        manifest.verify_parts(self.trials_path.name, trial_part_digests(self.trials))
+        manifest.verify_parts(self.capability_path.name,
+                              {capability_part(k): json_digest(v) for k, v in self.capability.items()})
 
     def evaluate_once(self, experiment: str, state: str, produce) -> None:
-        """Run one (experiment, model state) evaluation, produce() -> trial records, unless trials.jsonl holds it."""
-        if any(t["experiment"] == experiment and t["state"] == state for t in self.trials):
+        """Run one (experiment, model state) evaluation, produce() -> trial records, unless trials.jsonl holds all its
+        rows as the manifest recorded them."""
+        name = trials_part(experiment, state)
+        if self.manifest.reusable(name, trial_part_digests(self.trials).get(name)):
             log.info("Loaded %s evaluation of %s from %s", experiment, state, self.trials_path)
             return
         with self.timer.stage(f"eval_{experiment}_{state}"):
-            self.trials = self.trials + produce()
+            rows = produce()
+            self.trials = [t for t in self.trials if row_part(t) != name] + rows
             write_jsonl(self.trials_path, self.trials)
+        self.manifest.record(name, rows_digest(rows))
 
     def measure_once(self, state: str, model, tok, cfg: Config) -> None:
-        """Capability retention of one model state unless capability.json already holds it."""
-        if state not in self.capability:
+        """Capability retention of one model state unless capability.json holds it as the manifest recorded it."""
+        name = capability_part(state)
+        if not self.manifest.reusable(name, json_digest(self.capability.get(state))):
             with self.timer.stage(f"capability_{state}"):
                 self.capability[state] = measure_capability(model, tok, cfg, self.capability.get("base") if state != "base" else None)
             write_json(self.capability_path, self.capability)
+            self.manifest.record(name, json_digest(self.capability[state]))
 
     def trials_of(self, experiment: str) -> list[dict]:
         return [t for t in self.trials if t["experiment"] == experiment]
 
 
-def load_or_build_dataset(path: Path, build):
-    """The dataset saved at `path`, or build() saved there atomically."""
+def load_or_build_dataset(path: Path, build, manifest: Manifest):
+    """The dataset saved at `path` (if its manifest entry matches), or build() saved there atomically."""
     from datasets import load_from_disk
-    if path.exists():
+    if manifest.reusable_file(path.name):
         return load_from_disk(str(path))
     dataset = build()
     with atomic_path(path) as tmp:
         dataset.save_to_disk(str(tmp))
+    manifest.record_file(path.name)
     return dataset
 
 
-def load_or_train_adapter(model, path: Path, timer: Timer, stage: str, train):
-    """The adapter saved at `path` loaded onto `model` (no retraining), or train() saved there with its loss log."""
+def load_or_train_adapter(model, path: Path, timer: Timer, stage: str, train, manifest: Manifest):
+    """The adapter saved at `path` loaded onto `model` (no retraining; adapter and loss log as in the manifest), or
+    train() saved there with its loss log."""
     from peft import PeftModel
     loss_path = path.with_name(path.name + "_train_log.json")
-    if path.exists() and loss_path.exists():
+    if all([manifest.reusable_file(path.name), manifest.reusable_file(loss_path.name)]):  # both checked
+
         log.info("Loaded adapter from %s (no retraining)", path)
         return PeftModel.from_pretrained(model, str(path)).eval(), json.loads(loss_path.read_text())
     with timer.stage(stage):
@@ -591,6 +948,8 @@ def load_or_train_adapter(model, path: Path, timer: Timer, stage: str, train):
     with atomic_path(path) as tmp:
         peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
     write_json(loss_path, losses)
+    manifest.record_file(loss_path.name)
+    manifest.record_file(path.name)
     log.info("Trained %d optimizer steps; final loss %.4f; saved %s", len(losses), losses[-1]["loss"], path)
     return peft_model, losses
 
@@ -923,14 +1282,16 @@ def load_vectors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_or_extract_vectors(model, tok, concepts: dict[str, list[str]], cfg: Config, path: Path, timer: Timer,
-                            stage: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The vectors (and metadata) saved at `path`, or those of extract_concept_vectors, saved there."""
-    if path.exists():
+                            stage: str, manifest: Manifest) -> tuple[dict[str, torch.Tensor], dict]:
+    """The vectors (and metadata) saved at `path` (if its manifest entry matches), or those of
+    extract_concept_vectors, saved there."""
+    if manifest.reusable_file(path.name):
         log.info("Loaded concept vectors from %s", path)
         return load_vectors(path)
     with timer.stage(stage):
         vectors, baseline_mean, meta = extract_concept_vectors(model, tok, concepts, cfg.layer, cfg)
         save_vectors(path, vectors, baseline_mean, meta)
+    manifest.record_file(path.name)
     return vectors, meta
 
 
@@ -1051,16 +1412,17 @@ def training_set(dataset, extra: list[dict]):
 
 
 def ordinary_training_rows(model, tok, cfg: Config, dataset_size: int, train_concepts: list[str],
-                           strengths: list[str], run_dir: Path, timer: Timer) -> list[dict]:
+                           strengths: list[str], store: RunState) -> list[dict]:
     """Replay and report-then-continue rows on training-split prompts, from the base model's answers, which are
-    generated once and cached as a Dataset in run_dir/replay_answers (a resumed run loads them)."""
+    generated once and cached as a Dataset in the run directory's replay_answers (a resumed run loads them)."""
     prompts = prompts_to_answer(cfg, dataset_size, [p["prompt"] for p in ordinary_prompts()["train"]])
     if not prompts:
         return []
-    path = run_dir / "replay_answers"
-    resumed = path.exists()
-    with nullcontext() if resumed else timer.stage("replay_answers"):
-        answers = list(load_or_build_dataset(path, lambda: answer_training_prompts(model, tok, prompts, cfg)))
+    path = store.run_dir / "replay_answers"
+    resumed = store.manifest.reusable_file(path.name)
+    with nullcontext() if resumed else store.timer.stage("replay_answers"):
+        answers = list(load_or_build_dataset(path, lambda: answer_training_prompts(model, tok, prompts, cfg),
+                                             store.manifest))
     rows = (replay_rows(answers, round(cfg.replay * dataset_size))
             + continue_rows(answers, round(cfg.continue_examples * dataset_size), train_concepts, strengths, tok, cfg))
     log.info("Ordinary prompts in training: %d replay and %d report-then-continue rows on %d base answers (%s)",
@@ -1964,7 +2326,8 @@ def write_results(run_dir: Path, metrics: dict, trials: list[dict], losses: list
     table = results_table(metrics) + "\n" + capability_table(metrics["capability"])
     table += "\n" + continue_table(metrics["continue"]) if "continue" in metrics else ""
     table += "\n" + safety_table(metrics["safety"]["results"]) if "safety" in metrics else ""
-    (run_dir / "results.md").write_text(table)
+    with atomic_path(run_dir / "results.md") as tmp:
+        tmp.write_text(table)
     intro = [t for t in trials if t["experiment"] == "introspection"]
     plot_figures(metrics, intro, losses, run_dir / "figures")
     if "safety" in metrics:
@@ -2184,10 +2547,11 @@ def safety_stage(model, tok, cfg: Config, baseline_words: list[str], typical_nor
     returns the stage's part of metrics.json."""
     words = [w for ws in SAFETY_CATEGORIES.values() for w in ws]
     vectors, _ = load_or_extract_vectors(model, tok, {"train": words, "heldout": [], "baseline": baseline_words}, cfg,
-                                         store.run_dir / "safety_vectors.safetensors", store.timer, "safety_vectors")
+                                         store.run_dir / "safety_vectors.safetensors", store.timer, "safety_vectors",
+                                         store.manifest)
     dataset = load_or_build_dataset(store.run_dir / "safety_dataset", lambda: build_safety_dataset(
         SAFETY_CATEGORIES["harmful-seen"], SAFETY_CATEGORIES["safe-seen"], cfg.train_strengths,
-        cfg.safety_examples_per_class, cfg.seed))
+        cfg.safety_examples_per_class, cfg.seed), store.manifest)
     log.info("Safety dataset: %d examples", len(dataset))
     spec = build_safety_trials(cfg.eval_strengths, cfg)
     store.evaluate_once("safety", "base", lambda: run_trials(model, tok, spec, vectors, typical_norm, cfg, "base",
@@ -2195,7 +2559,8 @@ def safety_stage(model, tok, cfg: Config, baseline_words: list[str], typical_nor
     store.evaluate_once("safety", "probe", lambda: run_probe(
         model, tok, probe_training_trials(cfg.train_strengths), spec, vectors, typical_norm, cfg))
     adapter, losses = load_or_train_adapter(model, store.run_dir / "safety_adapter", store.timer, "safety_train",
-                                            lambda: train_lora(model, tok, dataset, vectors, typical_norm, cfg))
+                                            lambda: train_lora(model, tok, dataset, vectors, typical_norm, cfg),
+                                            store.manifest)
     store.evaluate_once("safety", "safety_adapter",
                         lambda: run_trials(adapter, tok, spec, vectors, typical_norm, cfg, "safety_adapter", "safety"))
     adapter.unload()
@@ -2211,12 +2576,18 @@ def safety_stage(model, tok, cfg: Config, baseline_words: list[str], typical_nor
 def run(cfg: Config, loaded: tuple | None = None) -> dict:
     """The whole pipeline for one config, stages 1-10 in order; returns metrics.json's content. `loaded` = (model,
     tokenizer, info) from load_model reuses a model already in memory (studies and seeds); the model is handed back
-    without adapters."""
-    # 1. configuration: every value the run uses, decided, hashed and saved before anything runs
+    without adapters. The run directory is locked for the whole run."""
+    # 1. configuration: every value the run uses, decided, checked, hashed and saved (config.json) before anything runs
     cfg = resolve_config(cfg)
     concepts = load_concepts(cfg)
-    store = RunState(cfg)
-    write_json(store.run_dir / "config.json", {"config": dataclasses.asdict(cfg)})
+    run_dir = prepare_run_dir(cfg)
+    with run_dir_lock(run_dir):
+        return run_stages(cfg, loaded, concepts, RunState(run_dir, claim_run_dir(run_dir, cfg)))
+
+
+def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]], store: RunState) -> dict:
+    """Stages 2-10 of run(), in a locked run directory whose config.json matches `cfg`; each finished artifact is
+    recorded in store.manifest."""
     write_json(store.run_dir / "environment.json", environment())
     log.info("Run directory: %s (config %s): model %s, layer %d, train strengths %s, eval strengths %s",
              store.run_dir, config_hash(cfg), cfg.model, cfg.layer, " ".join(cfg.train_strengths),
@@ -2232,7 +2603,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
     with cuda_fast_path(model, cfg) as speedups:
         # 3. concept vectors at layer L, and the typical residual norm there (the unit of "1.5x" strengths)
         vectors, vec_meta = load_or_extract_vectors(model, tok, concepts, cfg, store.run_dir / "vectors.safetensors",
-                                                    store.timer, "concept_vectors")
+                                                    store.timer, "concept_vectors", store.manifest)
         typical_norm = vec_meta["typical_norm"]
         alphas = {s: resolve_alpha(s, typical_norm) for s in dict.fromkeys(cfg.train_strengths + cfg.eval_strengths)}
         log.info("Typical residual norm at layer %d: %.1f; strengths %s", cfg.layer, typical_norm,
@@ -2243,12 +2614,13 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
 
         # 4. dataset: positives with a concept injected, negatives without (or with a random direction)
         dataset = load_or_build_dataset(store.run_dir / "dataset", lambda: build_dataset(
-            concepts["train"], cfg.train_strengths, cfg.positives_per_concept, cfg.seed, list(train_randoms)))
+            concepts["train"], cfg.train_strengths, cfg.positives_per_concept, cfg.seed, list(train_randoms)),
+            store.manifest)
         log.info("Dataset: %d examples (%d with a concept, %d with a random direction, over %d training concepts)",
                  len(dataset), sum(c in vectors for c in dataset["concept"]), len(train_randoms), len(concepts["train"]))
 
         ordinary_rows = ordinary_training_rows(model, tok, cfg, len(dataset), concepts["train"], cfg.train_strengths,
-                                               store.run_dir, store.timer)
+                                               store)
 
         # 5. base-model evaluation: seen and held-out injections, then the controls (no injection, random and negated
         # vectors, always-no yes/no questions)
@@ -2260,7 +2632,8 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
 
         # 6. LoRA training
         ft_model, losses = load_or_train_adapter(model, store.run_dir / "adapter", store.timer, "train", lambda: train_lora(
-            model, tok, training_set(dataset, ordinary_rows), {**vectors, **train_randoms}, typical_norm, cfg))
+            model, tok, training_set(dataset, ordinary_rows), {**vectors, **train_randoms}, typical_norm, cfg),
+        store.manifest)
 
         # 7. fine-tuned evaluation: the same trials
         store.evaluate_once("introspection", "finetuned", lambda: evaluate_trials(ft_model, tok, spec, eval_vectors,
@@ -2296,6 +2669,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
             "results": summarize(store.trials_of("introspection"), cfg.eval_strengths),
             "training": {"steps": len(losses), "final_loss": losses[-1]["loss"] if losses else None},
             "capability": capability_summary(store.capability["base"], store.capability["finetuned"]),
+            **run_status(store.manifest, complete=False),
         }
         if cfg.continue_examples > 0:
             metrics["continue"] = summarize_continue(store.trials_of("continue"))
@@ -2305,7 +2679,10 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
         # 10. safety halt: its own adapter, trained from the base model
         if not cfg.skip_safety:
             metrics["safety"] = safety_stage(model, tok, cfg, concepts["baseline"], typical_norm, store)
+            metrics.update(run_status(store.manifest, complete=False))
             write_results(store.run_dir, metrics, store.trials, losses, store.timer)
+    metrics.update(run_status(store.manifest, complete=True))  # the completion mark, once every output is written
+    write_json(store.run_dir / "metrics.json", metrics)
     log.info("Results:\n%s", (store.run_dir / "results.md").read_text())
     log.info("Wrote %s", store.run_dir)
     return metrics
@@ -2339,15 +2716,18 @@ def headline(metrics: dict) -> dict[str, float | None]:
 
 def run_seeds(cfg: Config) -> dict:
     """The pipeline once per seed (each its own run directory; one model load), then mean ± sd (sample) over seeds
-    of each headline rate, written to seeds.json and seeds.md."""
+    of each headline rate, written to seeds.json and seeds.md. The folder of the seeds is locked for the whole
+    run, and every input is checked before the model loads."""
     cfg = resolve_config(cfg)
     single = dataclasses.replace(cfg, seeds=None, output_dir=None)
-    base = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    load_concepts(single)
+    base = prepare_run_dir(cfg)
     loaded, per_seed = None, {}
-    for seed in cfg.seeds:
-        seed_cfg = dataclasses.replace(single, seed=seed, output_dir=str(base / f"seed-{seed}"))
-        loaded = loaded or load_model(seed_cfg)
-        per_seed[seed] = headline(run(seed_cfg, loaded))
+    with run_dir_lock(base):
+        for seed in cfg.seeds:
+            seed_cfg = dataclasses.replace(single, seed=seed, output_dir=str(base / f"seed-{seed}"))
+            loaded = loaded or load_model(seed_cfg)
+            per_seed[seed] = headline(run(seed_cfg, loaded))
     summary = {}
     for name in per_seed[cfg.seeds[0]]:
         values = [per_seed[seed][name] for seed in cfg.seeds if per_seed[seed][name] is not None]
@@ -2613,13 +2993,17 @@ def setup_logging() -> None:
 
 
 def cli(action) -> int:
-    """Run action() with the script's logging; bad input (a ConfigError) is one logged line and exit code 2."""
+    """Run action() with the script's logging; bad input (a ConfigError) is one logged line and exit code 2, Ctrl-C one
+    line and exit code 130 (every finished stage is already saved)."""
     setup_logging()
     try:
         action()
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt:
+        log.error("Interrupted: every finished stage is saved in the run directory; the same command resumes")
+        return 130
     return 0
 
 

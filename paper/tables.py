@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from introspection_experiment import (  # noqa: E402
-    SAFETY_CATEGORIES, ConfigError, atomic_path, cli, parse_strength, pct, rate, read_jsonl, select)
+    SAFETY_CATEGORIES, ConfigError, atomic_path, cli, parse_strength, pct, rate, read_artifact, read_jsonl,
+    require_complete, select)
 
 log = logging.getLogger("paper")
 
@@ -479,11 +480,11 @@ def paper_inputs(source: str) -> tuple[dict, list[dict] | None, list[dict], dict
     path = Path(source)
     metrics_path = path / "metrics.json" if path.is_dir() else path
     try:
-        metrics = json.loads(metrics_path.read_text())
+        metrics = require_complete(json.loads(metrics_path.read_text()), metrics_path)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read run metrics {metrics_path}: {e}") from None
     trials_path, study_path = metrics_path.with_name("trials.jsonl"), metrics_path.with_name("scaling_study.json")
-    return (metrics, read_jsonl(trials_path) if trials_path.exists() else None,
+    return (metrics, read_artifact(trials_path, read_jsonl) if trials_path.exists() else None,
             [json.loads(p.read_text()) for p in BENCHMARK_FILES if p.exists()],
             json.loads(study_path.read_text()) if study_path.exists() else None)
 

@@ -45,7 +45,8 @@ def protocol_name(vector_token: str, random_negatives: float) -> str:
 
 class Study:
     """Runs points of the study with one shared model (loaded on first need); each point is resumable in its own
-    directory, and a finished point (metrics.json beside the same config) is read back without loading anything."""
+    directory, and a finished point (a complete run of the same config and inputs) is read back without loading
+    anything."""
 
     def __init__(self, args, pipeline_args: list[str]):
         self.args, self.loaded, self.hardware = args, None, set()
@@ -56,7 +57,7 @@ class Study:
     def run(self, name: str, **overrides) -> dict:
         cfg = dataclasses.replace(self.base, output_dir=str(Path(self.args.runs) / name), **overrides)
         cfg = ie.resolve_config(cfg)
-        metrics = finished(cfg)
+        metrics = ie.finished_metrics(Path(cfg.output_dir), cfg)  # a complete point; a partial one resumes
         if metrics is None:
             self.loaded = self.loaded or ie.load_model(cfg)
             metrics = ie.run(cfg, self.loaded)
@@ -67,18 +68,6 @@ class Study:
     def describe(self) -> dict:
         """Model, hardware and seed of the points, for the figure titles and JSON."""
         return {"model": ie.figure_label(self.metrics), "hardware": sorted(self.hardware), "seed": self.base.seed}
-
-
-def finished(cfg: ie.Config) -> dict | None:
-    """The metrics of a finished run of exactly this config, or None."""
-    run_dir = Path(cfg.output_dir)
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())["config"]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except OSError:
-        return None
-    same = not ie.config_diff(saved, cfg)  # the folder may have moved
-    return metrics if same and (cfg.skip_safety or "safety" in metrics) else None
 
 
 def scaling(study: Study, args) -> dict:

@@ -160,16 +160,18 @@ def test_replay_answers_are_generated_once_and_reused_on_resume(tok, tmp_path, m
     calls = []
     real = ie.generate
     monkeypatch.setattr(ie, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    timer = ie.Timer(tmp_path / "timings.json")
+    manifest = ie.Manifest(tmp_path, "inputs")
+    store = ie.RunState(tmp_path, manifest)
     cfg = ie.dataclasses.replace(CFG, continue_examples=0.5)
-    first = ie.ordinary_training_rows(model, tok, cfg, 8, ["fire"], ["40"], tmp_path, timer)
+    first = ie.ordinary_training_rows(model, tok, cfg, 8, ["fire"], ["40"], store)
     n_train = len(ie.ordinary_prompts()["train"])
-    assert len(calls) == -(-min(8, n_train) // CFG.eval_batch_size) and "replay_answers" in timer.times
+    assert len(calls) == -(-min(8, n_train) // CFG.eval_batch_size) and "replay_answers" in store.timer.times
     assert sum(r["kind"] == "replay" for r in first) == 8 and sum(r["kind"] == "continue" for r in first) == 4
-    again = ie.ordinary_training_rows(model, tok, cfg, 8, ["fire"], ["40"], tmp_path, ie.Timer(tmp_path / "t2.json"))
+    resumed = ie.RunState(tmp_path, ie.Manifest(tmp_path, "inputs", artifacts=dict(manifest.artifacts)))
+    again = ie.ordinary_training_rows(model, tok, cfg, 8, ["fire"], ["40"], resumed)
     assert again == first and len(calls) == -(-min(8, n_train) // CFG.eval_batch_size)  # loaded, not regenerated
-    assert not (tmp_path / "t2.json").exists()
-    assert ie.ordinary_training_rows(model, tok, ie.Config(), 8, ["fire"], ["40"], tmp_path / "none", timer) == []
+    assert "replay_answers" not in resumed.timer.times
+    assert ie.ordinary_training_rows(model, tok, ie.Config(), 8, ["fire"], ["40"], store) == []
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -26,10 +26,11 @@ def test_load_or_extract_vectors_extracts_once(tiny, tok, tmp_path, monkeypatch)
     """The first call extracts unit-norm vectors and saves them (timed as its stage); the second loads the same ones
     without extracting."""
     concepts = {"train": ["fire", "ocean"], "heldout": ["volcano"], "baseline": ["table", "chair"]}
-    cfg, timer, path = ie.Config(layer=2), ie.Timer(tmp_path / "timings.json"), tmp_path / "vectors.safetensors"
-    vectors, meta = ie.load_or_extract_vectors(tiny, tok, concepts, cfg, path, timer, "concept_vectors")
+    manifest = ie.Manifest(tmp_path, input_hash="inputs")
+    cfg, timer, path = ie.Config(layer=2), ie.Timer(tmp_path / "timings.json", manifest), tmp_path / "vectors.safetensors"
+    vectors, meta = ie.load_or_extract_vectors(tiny, tok, concepts, cfg, path, timer, "concept_vectors", manifest)
     assert list(vectors) == ["fire", "ocean", "volcano"] and meta["layer"] == 2 and "concept_vectors" in timer.times
     assert all(abs(float(v.norm()) - 1) < 1e-4 for v in vectors.values())
     monkeypatch.setattr(ie, "extract_concept_vectors", lambda *a: pytest.fail("extracted again"))
-    again, meta_again = ie.load_or_extract_vectors(tiny, tok, concepts, cfg, path, timer, "concept_vectors")
+    again, meta_again = ie.load_or_extract_vectors(tiny, tok, concepts, cfg, path, timer, "concept_vectors", manifest)
     assert meta_again == meta and all(torch.equal(again[w], vectors[w]) for w in vectors)

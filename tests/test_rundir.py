@@ -1,0 +1,282 @@
+"""The run directory: one process at a time, unique temporaries, content-addressed inputs, verified artifacts,
+the completion mark, and interrupt-and-resume. One complete tiny run is made once and copied for each case."""
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import introspection_experiment as ie
+from conftest import load_paper_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volcano", "galaxy"],
+            "baseline": ["table", "chair", "road", "cloud"]}
+TINY = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "2",
+        "--max-new-tokens", "4", "--control-trials", "4", "--random-vectors", "2", "--eval-strengths", "40", "1x",
+        "--skip-safety"]
+
+
+def tiny_args(folder: Path, out: Path) -> list[str]:
+    """The tiny run's flags with its concepts file in `folder` (written if missing) and run directory `out`."""
+    concepts = folder / "concepts.json"
+    if not concepts.exists():
+        concepts.write_text(json.dumps(CONCEPTS))
+    return TINY + ["--concepts-file", str(concepts), "--output-dir", str(out)]
+
+
+def run_main(args, caplog, main=ie.main):
+    """Exit code, log text and the error lines of one in-process run of `main`."""
+    caplog.clear()
+    code = main(args)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    return code, caplog.text, errors
+
+
+def one_line_refusal(code, text, errors, *words):
+    return (code == 2 and len(errors) == 1 and "\n" not in errors[0] and "Traceback" not in text
+            and all(w in errors[0] for w in words))
+
+
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory):
+    """A complete tiny run (no safety stage): its folder, its flags and its files' bytes."""
+    folder = tmp_path_factory.mktemp("complete")
+    args = tiny_args(folder, folder / "run")
+    assert ie.main(args) == 0
+    return folder / "run", args
+
+
+@pytest.fixture
+def copy(complete, tmp_path):
+    """A copy of the complete run in this test's folder, and its flags (the same concepts file)."""
+    source, args = complete
+    shutil.copytree(source, tmp_path / "run")
+    return tmp_path / "run", args[:-1] + [str(tmp_path / "run")]
+
+
+def outputs(run_dir: Path) -> dict:
+    """What a run found: its trials (bytes) and metrics, without the stage times and the order stages finished in."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop("timings_s")
+    metrics["stages_done"] = sorted(metrics["stages_done"])
+    return {"trials": (run_dir / "trials.jsonl").read_bytes(), "metrics": metrics}
+
+
+# --- one process at a time -------------------------------------------------------------------------------------------
+
+def test_a_second_process_on_a_locked_directory_exits_2_naming_the_holder(tmp_path):
+    args = tiny_args(tmp_path, tmp_path / "run")
+    command = [sys.executable, str(ROOT / "introspection_experiment.py"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "run" / ie.LOCK_FILE
+        deadline = time.time() + 120
+        while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before the second started"
+        second = subprocess.run(command + ["--seed", "5"], env=env, capture_output=True, text=True, timeout=120)
+        lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
+        assert second.returncode == 2 and len(lines) == 1, lines
+        assert f"is in use by pid {first.pid} on " in lines[0] and " since " in lines[0]
+        assert first.poll() is None  # the holder was not disturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def write_many(path: str, worker: int, count: int) -> None:
+    for i in range(count):
+        ie.write_json(Path(path), {"worker": worker, "i": i, "padding": "x" * 20000})
+
+
+def test_concurrent_atomic_writes_never_collide_and_readers_never_see_a_partial_file(tmp_path):
+    target = tmp_path / "shared.json"
+    ie.write_json(target, {"worker": -1})
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=write_many, args=(str(target), w, 150)) for w in range(2)]
+    for w in writers:
+        w.start()
+    partial = 0
+    while any(w.is_alive() for w in writers):
+        try:
+            json.loads(target.read_text())
+        except json.JSONDecodeError:
+            partial += 1
+    for w in writers:
+        w.join()
+    assert [w.exitcode for w in writers] == [0, 0] and partial == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.json"]  # no temporaries left
+
+
+# --- content-addressed inputs; no artifacts without a matching config ------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_a_changed_concepts_file_is_not_the_same_run(copy, caplog, split):
+    run_dir, args = copy
+    path = Path(args[args.index("--concepts-file") + 1])
+    cfg = ie.resolve_config(ie.config_from_args(args))
+    before, original = ie.config_hash(cfg), path.read_text()
+    try:
+        path.write_text(json.dumps({**CONCEPTS, split: CONCEPTS[split][:-1] + ["spider"]}))
+        assert ie.config_hash(cfg) != before  # the default run directory moves with the contents
+        code, text, errors = run_main(args, caplog)
+    finally:
+        path.write_text(original)  # the file the other tests' copies were made with
+    assert one_line_refusal(code, text, errors, "different config", "contents of concepts_file")
+
+
+def test_every_data_file_is_an_input(monkeypatch, tmp_path):
+    shutil.copytree(ie.DATA_DIR, tmp_path / "data")
+    monkeypatch.setattr(ie, "DATA_DIR", tmp_path / "data")
+    cfg = ie.Config(model="random:tiny")
+    assert set(ie.run_input_files(cfg)) == {f"data/{p.name}" for p in ie.DATA_DIR.iterdir()}
+    before = ie.config_hash(cfg)
+    (tmp_path / "data" / "new_prompts.json").write_text("[]")
+    added = ie.config_hash(cfg)
+    with open(tmp_path / "data" / "prose.txt", "a") as f:
+        f.write(" ")
+    assert len({before, added, ie.config_hash(cfg)}) == 3
+
+
+def test_artifacts_without_a_config_are_not_adopted(copy, caplog):
+    run_dir, args = copy
+    (run_dir / "config.json").unlink()
+    code, text, errors = run_main(args[:-2] + ["--seed", "7", "--output-dir", str(run_dir)], caplog)
+    assert one_line_refusal(code, text, errors, "no config.json", "not reused")
+    assert not (run_dir / "config.json").exists()
+
+
+def test_artifacts_without_a_manifest_are_not_adopted(copy, caplog):
+    run_dir, args = copy
+    (run_dir / "manifest.json").unlink()
+    assert one_line_refusal(*run_main(args, caplog), "no manifest.json")
+
+
+def test_a_corrupt_config_is_one_line(copy, caplog):
+    run_dir, args = copy
+    (run_dir / "config.json").write_text('{"config": {"mod')
+    assert one_line_refusal(*run_main(args, caplog), "config.json", "unreadable")
+
+
+# --- verified artifacts ----------------------------------------------------------------------------------------------
+
+ARTIFACTS = {"vectors": "vectors.safetensors", "dataset": "dataset/data-00000-of-00001.arrow",
+             "adapter": "adapter/adapter_model.safetensors", "trials": "trials.jsonl", "capability": "capability.json"}
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_bit], ids=["truncated", "bit-flipped"])
+@pytest.mark.parametrize("kind", list(ARTIFACTS))
+def test_a_damaged_artifact_is_refused_in_one_line_before_the_model_loads(copy, caplog, monkeypatch, kind, damage):
+    run_dir, args = copy
+    damage(run_dir / ARTIFACTS[kind])
+    monkeypatch.setattr(ie, "load_model", None)  # calling it would be a traceback
+    code, text, errors = run_main(args, caplog)
+    assert one_line_refusal(code, text, errors, Path(ARTIFACTS[kind]).parts[0], "delete"), (text[-2000:], errors)
+
+
+def test_missing_trial_rows_are_refused(copy, caplog):
+    run_dir, args = copy
+    lines = (run_dir / "trials.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "trials.jsonl").write_text("".join(lines[:3] + lines[5:]))  # two rows of the base model gone
+    assert one_line_refusal(*run_main(args, caplog), "trials.jsonl[introspection/base]", "checksum")
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_bit], ids=["truncated", "bit-flipped"])
+def test_damaged_stage_times_are_restored_from_the_manifest(complete, copy, caplog, damage):
+    run_dir, args = copy
+    original = json.loads((run_dir / "timings.json").read_text())
+    damage(run_dir / "timings.json")
+    code, text, _ = run_main(args, caplog)
+    assert code == 0 and "rewritten from them" in text and "Trained" not in text
+
+    def finished_stages(times):  # the model is loaded (and timed) again by every run
+        return {k: v for k, v in times.items() if k != "load_model"}
+    assert finished_stages(json.loads((run_dir / "timings.json").read_text())) == finished_stages(original)
+    assert finished_stages(json.loads((run_dir / "metrics.json").read_text())["timings_s"]) == finished_stages(original)
+    assert outputs(run_dir) == outputs(complete[0])
+
+
+def test_an_unrecorded_evaluation_is_recomputed_alone(complete, copy, caplog):
+    """A run killed after writing an evaluation but before recording it: that evaluation alone runs again."""
+    run_dir, args = copy
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    del manifest["artifacts"]["trials.jsonl[introspection/finetuned]"]
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    code, text, _ = run_main(args, caplog)
+    assert code == 0 and "trials.jsonl[introspection/finetuned] in" in text and "recomputing that stage" in text
+    assert "Loaded adapter" in text and "Loaded introspection evaluation of base" in text
+    assert outputs(run_dir) == outputs(complete[0])
+
+
+def test_a_complete_run_resumes_entirely(complete, copy, caplog):
+    run_dir, args = copy
+    code, text, _ = run_main(args, caplog)
+    assert code == 0 and "recomputing" not in text and "Trained" not in text
+    assert outputs(run_dir) == outputs(complete[0])
+
+
+# --- completion mark; Ctrl-C -----------------------------------------------------------------------------------------
+
+def test_an_interrupted_run_is_partial_and_refused_by_its_readers(copy, caplog, monkeypatch):
+    run_dir, args = copy
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ie, "plot_figures", interrupted)  # Ctrl-C while the figures are drawn
+        code, text, errors = run_main(args, caplog)
+    assert code == 130 and len(errors) == 1 and "the same command resumes" in errors[0] and "Traceback" not in text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "partial" and "adapter" in metrics["stages_done"]
+    tables = load_paper_tables()
+    monkeypatch.setattr(tables, "PAPER_DIR", run_dir / "paper")
+    assert one_line_refusal(*run_main([str(run_dir)], caplog, tables.main), "did not finish", "partial")
+    assert not (run_dir / "paper").exists()
+    cfg = ie.resolve_config(ie.config_from_args(args))
+    assert ie.finished_metrics(run_dir, cfg) is None  # the study resumes it
+    code, text, _ = run_main(args, caplog)  # nothing was lost: the rerun only writes the results
+    assert code == 0 and "Trained" not in text and "recomputing" not in text
+    assert ie.finished_metrics(run_dir, cfg)["status"] == "complete"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_signal_mid_training_then_rerun_gives_the_uninterrupted_results(complete, tmp_path, caplog, sig):
+    args = complete[1][:-1] + [str(tmp_path / "run")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "introspection_experiment.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest = tmp_path / "run" / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and "[introspection/base]" not in (manifest.read_text() if manifest.exists() else ""):
+        time.sleep(0.1)
+    time.sleep(3)  # the base evaluation is recorded: into the training stage (about 20 s here)
+    proc.send_signal(sig)
+    output = proc.communicate()[0]
+    assert "adapter" not in json.loads(manifest.read_text())["artifacts"], "signalled too late: training had finished"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "Traceback" not in output
+        assert output.strip().splitlines()[-1].endswith("Interrupted: every finished stage is saved in the run "
+                                                        "directory; the same command resumes")
+    code, text, _ = run_main(args, caplog)
+    assert code == 0 and "Loaded introspection evaluation of base" in text and "Trained" in text
+    assert outputs(tmp_path / "run") == outputs(complete[0])
