@@ -1070,11 +1070,26 @@ def generate(model, tok, questions: list[str], vectors: torch.Tensor, alphas: to
     decoding = (dict(do_sample=True, temperature=cfg.control_temperature, top_p=0.95, top_k=None) if sample
                 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     prompt_end, row_start = prompt_positions(mask)
-    with injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start):
+    with injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start), contiguous_lm_head(model):
         out = model.generate(input_ids=ids.to(input_device(model)), attention_mask=mask.to(input_device(model)),
                              max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, stopping_criteria=stopping_criteria, **decoding)
     return out[:, width:].cpu()
+
+
+@contextmanager
+def contiguous_lm_head(model):
+    """The LM head's input made contiguous while in the block. logits_to_keep slices the hidden states to the last
+    position(s), a view whose rows keep the full length's stride; on the CPU a linear layer on such a view is computed
+    as a batched product over the weight broadcast to every row: 128 rows x 262k vocabulary x 640 x 2 bytes = a 40 GiB
+    allocation attempt (Gemma-3-270M), then a fallback ~10x slower than on the contiguous copy (measured), which is
+    rows x positions kept x hidden size."""
+    handle = unwrap(model).get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def prefill_mask(mask: torch.Tensor, cache_len: int) -> torch.Tensor:
@@ -1111,8 +1126,9 @@ class StaticDecoder:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         """float32 logits of the last position of each row, the keys and values written to the cache."""
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=attend, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        with contiguous_lm_head(self.model):
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=attend, past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     def decode_step(self) -> torch.Tensor:
@@ -1231,7 +1247,7 @@ def greedy_match(model, tok, questions: list[str], targets: list[list[int]], vec
     ids = torch.cat([prompts, answers], dim=1)
     mask = torch.cat([prompt_mask, torch.ones_like(answers)], dim=1)
     prompt_end, row_start = prompt_positions(prompt_mask)
-    with injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start):
+    with injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start), contiguous_lm_head(model):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device),
                        use_cache=False, logits_to_keep=length + 1).logits[:, :-1].float()
     answers = answers.to(device)
@@ -1570,12 +1586,21 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
 # Stage 5b: capability retention (the paper claims no degradation but never measured it)
 
 
+def leading_special_tokens(tok) -> list[int]:
+    """The ids the tokenizer adds before a text with add_special_tokens=True (e.g. [BOS]; [] if it adds none)."""
+    plain = tok("x", add_special_tokens=False).input_ids
+    full = tok("x").input_ids
+    return full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+
+
 @torch.no_grad()
 def perplexity(model, tok, text: str, window: int = 256, batch_size: int = 4) -> dict:
-    """Perplexity of `text` in consecutive windows of `window` tokens (each window's first token is context only),
-    with no injection."""
+    """Perplexity of `text` in consecutive windows of `window` tokens, with no injection. Each window starts with
+    the tokens the tokenizer puts before a text (BOS, where it adds one: Gemma needs it), which are context only;
+    without such tokens, the window's first token is context only."""
     ids = tok(text, add_special_tokens=False).input_ids
-    windows = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
+    prefix = leading_special_tokens(tok)
+    windows = [prefix + ids[i:i + window] for i in range(0, len(ids), window) if len(prefix + ids[i:i + window]) > 1]
     device, nll, tokens = input_device(model), 0.0, 0
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
@@ -1583,7 +1608,7 @@ def perplexity(model, tok, text: str, window: int = 256, batch_size: int = 4) ->
         batch = torch.tensor([w + [tok.pad_token_id] * (width - len(w)) for w in chunk], device=device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
-        real = torch.tensor([[j < len(w) - 1 for j in range(width - 1)] for w in chunk], device=device)
+        real = torch.tensor([[len(prefix) - 1 <= j < len(w) - 1 for j in range(width - 1)] for w in chunk], device=device)
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         nll += float(token_nll[real].sum())
         tokens += int(real.sum())
