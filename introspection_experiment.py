@@ -1064,7 +1064,7 @@ def generate(model, tok, questions: list[str], vectors: torch.Tensor, alphas: to
     ids, mask = pad_left(seqs, tok.pad_token_id)
     width = ids.shape[1]
     if decoder is None and input_device(model).type == "cuda":
-        decoder = StaticDecoder(model, tok, cfg, len(seqs), width + cfg.max_new_tokens)
+        decoder = static_decoder(model, tok, cfg, len(seqs), width + cfg.max_new_tokens)
     if decoder is not None:
         return decoder.generate(ids, mask, vectors, alphas, sample, stopping_criteria)
     decoding = (dict(do_sample=True, temperature=cfg.control_temperature, top_p=0.95, top_k=None) if sample
@@ -1196,6 +1196,34 @@ class StaticDecoder:
         return sequence[:n, width:].cpu()
 
 
+def sliding_window_below(model, cache_len: int) -> int | None:
+    """The attention window of a model whose sliding-window layers see fewer than `cache_len` tokens (Mistral,
+    Gemma-3 with short windows), else None. StaticCache gives such layers a ring buffer of the window's size, which
+    the StaticDecoder's full-length attention mask does not fit."""
+    config = text_config(model)
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    sliding = window is not None and (types is None or "sliding_attention" in types)
+    return window if sliding and window < cache_len else None
+
+
+_FALLBACKS_LOGGED: set[str] = set()
+
+
+def static_decoder(model, tok, cfg: Config, rows: int, cache_len: int) -> StaticDecoder | None:
+    """A StaticDecoder for this model, or None (transformers' generate, eager) where the architecture is not
+    supported by it, said once in the log."""
+    window = sliding_window_below(model, cache_len)
+    if window is None:
+        return StaticDecoder(model, tok, cfg, rows, cache_len)
+    reason = (f"{type(unwrap(model)).__name__}: sliding-window attention of {window} tokens is shorter than the "
+              f"{cache_len}-token static cache; generating with transformers' generate (eager) instead of the "
+              "StaticDecoder and its CUDA graph")
+    if reason not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(reason)
+        log.info("%s", reason)
+    return None
+
+
 def run_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float, cfg: Config,
                state: str, experiment: str = "introspection") -> list[dict]:
     """Generate and grade every trial in batches. No-injection controls are sampled with a seeded temperature unless
@@ -1209,7 +1237,7 @@ def run_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor],
     decoder = None
     if input_device(model).type == "cuda":  # one static cache and decode graph for every batch of this evaluation
         width = max(len(question_ids(q, tok, cfg.prompt_format)) for q in {t["question"] for t in trials})
-        decoder = StaticDecoder(model, tok, cfg, max(len(batch) for _, batch in batches), width + cfg.max_new_tokens)
+        decoder = static_decoder(model, tok, cfg, max(len(batch) for _, batch in batches), width + cfg.max_new_tokens)
     for index, (sample, batch) in enumerate(tqdm(batches, desc=f"eval {experiment} {state}", leave=False, disable=None)):
         vecs, alphas = injection_rows(batch, vectors, typical_norm)
         questions = [t["question"] for t in batch]
