@@ -160,6 +160,42 @@ class ConfigError(Exception):
     """Bad input: reported as one line and a non-zero exit, never a traceback."""
 
 
+class Progress:
+    """A progress bar on a terminal (tqdm); elsewhere, where tqdm is off (a log file), a log line at every tenth of
+    the work and at least every `every_s` seconds, with the count and the elapsed time."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 30.0):
+        self.bar = tqdm(total=total, desc=desc, leave=False, disable=None)
+        self.total, self.desc, self.every_s, self.done = total, desc, every_s, 0
+        self.start = self.last = time.monotonic()
+        self.next_tenth = 1
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        if not self.bar.disable:
+            return
+        now = time.monotonic()
+        if self.done * 10 >= self.next_tenth * self.total or now - self.last >= self.every_s:
+            log.info("%s: %d/%d (%.0f%%) after %.0f s", self.desc, self.done, self.total,
+                     100 * self.done / max(self.total, 1), now - self.start)
+            self.last = now
+            while self.next_tenth * self.total <= self.done * 10:
+                self.next_tenth += 1
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress(items, desc: str):
+    """Iterate over `items` (a sized collection) with a Progress."""
+    bar = Progress(len(items), desc)
+    for item in items:
+        yield item
+        bar.update()
+    bar.close()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration
 
@@ -893,7 +929,9 @@ def read_activations(model, tok, words: list[str], layer: int, prompt_format: st
     """Layer-L activations of 'Tell me about {w}.' at the vector token, and the norms of all non-sink positions."""
     device = input_device(model)
     rows, norms = [], []
-    for i in tqdm(range(0, len(words), batch_size), desc="concept vectors", leave=False, disable=None):
+    log.info("Reading layer-%d activations of %d prompts (%s format, %s token)", layer, len(words), prompt_format,
+             vector_token)
+    for i in progress(range(0, len(words), batch_size), "concept vectors"):
         chunk = words[i:i + batch_size]
         texts = [format_prompt(EXTRACTION_QUESTION.format(word=w), tok, prompt_format) for w in chunk]
         seqs = [encode(t, tok, prompt_format) for t in texts]
@@ -1238,7 +1276,8 @@ def run_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor],
     if input_device(model).type == "cuda":  # one static cache and decode graph for every batch of this evaluation
         width = max(len(question_ids(q, tok, cfg.prompt_format)) for q in {t["question"] for t in trials})
         decoder = static_decoder(model, tok, cfg, max(len(batch) for _, batch in batches), width + cfg.max_new_tokens)
-    for index, (sample, batch) in enumerate(tqdm(batches, desc=f"eval {experiment} {state}", leave=False, disable=None)):
+    log.info("Evaluating %s on the %s model: %d trials in %d batches", experiment, state, len(trials), len(batches))
+    for index, (sample, batch) in enumerate(progress(batches, f"eval {experiment} {state}")):
         vecs, alphas = injection_rows(batch, vectors, typical_norm)
         questions = [t["question"] for t in batch]
         torch.manual_seed(cfg.seed * 1000 + index)
@@ -1292,7 +1331,9 @@ def score_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor
     names the concept). Yes/no questions have no target answer and are skipped."""
     rows = [t for t in trials if t["split"] != "yes-no"]
     results = []
-    for i in tqdm(range(0, len(rows), cfg.eval_batch_size), desc=f"score {state}", leave=False, disable=None):
+    log.info("Scoring the %s model: %d trials, one teacher-forced pass per batch of %d", state, len(rows),
+             cfg.eval_batch_size)
+    for i in progress(range(0, len(rows), cfg.eval_batch_size), f"score {state}"):
         batch = rows[i:i + cfg.eval_batch_size]
         vecs, alphas = injection_rows(batch, vectors, typical_norm)
         targets = [answer_target(t, tok, cfg.prompt_format) for t in batch]
@@ -1574,8 +1615,10 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     step_fn = None
     losses = []
     peft_model.train()
-    progress = tqdm(total=cfg.epochs * math.ceil(len(examples) / cfg.batch_size), desc="train LoRA", leave=False,
-                    disable=None)
+    steps = math.ceil(len(examples) / cfg.batch_size)
+    log.info("Training LoRA: %d examples, %d epochs of %d micro-batches of %d (%s)", len(examples), cfg.epochs, steps,
+             cfg.batch_size, "CUDA graph" if graphed else "eager")
+    bar = Progress(cfg.epochs * steps, "train LoRA")
     # under autocast the LoRA matmuls cast their inputs themselves: peft's own fp32 copy of every LoRA input (and its
     # fp32 dropout) is skipped on CUDA, ~6% of a step
     with disable_input_dtype_casting(peft_model, active=on_cuda):
@@ -1601,11 +1644,11 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
                     optimizer.zero_grad(set_to_none=not graphed)
                     step_losses.append(torch.stack(pending).float().mean())
                     pending = []
-                progress.update()
+                bar.update()
             values = torch.stack(step_losses).tolist()  # the only host-device sync of the epoch
             losses += [{"epoch": epoch, "step": len(losses) + i, "loss": v} for i, v in enumerate(values)]
             log.info("epoch %d/%d: mean loss %.4f", epoch + 1, cfg.epochs, sum(values) / len(values))
-    progress.close()
+    bar.close()
     peft_model.eval()  # LoRA dropout off for every evaluation (the reference left it on)
     return peft_model, losses
 
@@ -1654,6 +1697,7 @@ def chat_answers(model, tok, prompts: list[str], cfg: Config, max_new_tokens: in
 def measure_capability(model, tok, cfg: Config) -> dict:
     """Perplexity on the shipped held-out prose and answers to the shipped chat prompts."""
     prompts = json.loads(CHAT_PROMPTS_FILE.read_text())["prompts"]
+    log.info("Capability: perplexity on %s and greedy answers to %d chat prompts", PROSE_FILE.name, len(prompts))
     return {**perplexity(model, tok, PROSE_FILE.read_text()), "chat": chat_answers(model, tok, prompts, cfg)}
 
 
