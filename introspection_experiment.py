@@ -2182,9 +2182,13 @@ def config_diff(saved: dict, cfg: Config) -> list[str]:
     return sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
 
 
+def model_slug(model: str) -> str:
+    """A --model value as a folder name: the last part of a hub id or path, without .gguf, lower case."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", Path(model.rstrip("/")).name.removesuffix(".gguf")).strip("-").lower()
+
+
 def default_run_dir(cfg: Config) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", Path(cfg.model.rstrip("/")).name.removesuffix(".gguf")).strip("-").lower()
-    return Path(f"runs/{slug}-{config_hash(cfg)}")
+    return Path(f"runs/{model_slug(cfg.model)}-{config_hash(cfg)}")
 
 
 def prepare_run_dir(cfg: Config) -> Path:
