@@ -494,9 +494,14 @@ def alias_chunks(name: str, alias: ModelAlias) -> list[tuple[Path, str | None]]:
             continue
         found = [f for f in files if re.search(alias.chunk_pattern, f.as_posix())]
         if len(found) != 1:
-            raise ConfigError(f"package {package} holds {len(found)} model files, expected 1; reinstall: {alias.install_command()}")
-        digest = found[0].hash.value if found[0].hash and found[0].hash.mode == "sha256" else None
-        chunks.append((Path(found[0].locate()), record_sha256(digest) if digest else None))
+            raise ConfigError(f"package {package} holds {len(found)} model files, expected 1; reinstall: "
+                              f"{alias.install_command(reinstall=True)}")
+        path, recorded = Path(found[0].locate()), found[0].hash
+        digest = recorded.value if recorded and recorded.mode == "sha256" else None
+        if not path.is_file():
+            raise ConfigError(f"package {package} lacks its model file {path.name}; reinstall: "
+                              f"{alias.install_command(reinstall=True)}")
+        chunks.append((path, record_sha256(digest) if digest else None))
     if missing:
         raise ConfigError(f"model '{name}' needs the package{'s' * (len(missing) > 1)} {', '.join(missing)}: "
                           f"{alias.install_command()}")
@@ -516,7 +521,8 @@ def shipped_checksum(alias: ModelAlias) -> str | None:
     text = found[0].read_text() if found else ""
     sums = [line.split()[0].lower() for line in text.splitlines() if line.strip()]
     if len(sums) != 1:
-        raise ConfigError(f"{relative} of {package} should list one checksum, lists {len(sums)}; reinstall: {alias.install_command()}")
+        raise ConfigError(f"{relative} of {package} should list one checksum, lists {len(sums)}; reinstall: "
+                          f"{alias.install_command(reinstall=True)}")
     return sums[0]
 
 
@@ -1108,7 +1114,8 @@ def generate(model, tok, questions: list[str], vectors: torch.Tensor, alphas: to
     decoding = (dict(do_sample=True, temperature=cfg.control_temperature, top_p=0.95, top_k=None) if sample
                 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     prompt_end, row_start = prompt_positions(mask)
-    with injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start), contiguous_lm_head(model):
+    with (injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start),
+          contiguous_lm_head(model)):
         out = model.generate(input_ids=ids.to(input_device(model)), attention_mask=mask.to(input_device(model)),
                              max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, stopping_criteria=stopping_criteria, **decoding)
@@ -1314,7 +1321,8 @@ def greedy_match(model, tok, questions: list[str], targets: list[list[int]], vec
     ids = torch.cat([prompts, answers], dim=1)
     mask = torch.cat([prompt_mask, torch.ones_like(answers)], dim=1)
     prompt_end, row_start = prompt_positions(prompt_mask)
-    with injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start), contiguous_lm_head(model):
+    with (injection(model, cfg.layer, vectors, alphas, prompt_end, cfg.injection_mode, row_start),
+          contiguous_lm_head(model)):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device),
                        use_cache=False, logits_to_keep=length + 1).logits[:, :-1].float()
     answers = answers.to(device)
@@ -1679,7 +1687,8 @@ def perplexity(model, tok, text: str, window: int = 256, batch_size: int = 4) ->
         batch = torch.tensor([w + [tok.pad_token_id] * (width - len(w)) for w in chunk], device=device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
-        real = torch.tensor([[len(prefix) - 1 <= j < len(w) - 1 for j in range(width - 1)] for w in chunk], device=device)
+        real = torch.tensor([[len(prefix) - 1 <= j < len(w) - 1 for j in range(width - 1)] for w in chunk],
+                            device=device)
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         nll += float(token_nll[real].sum())
         tokens += int(real.sum())
@@ -1888,11 +1897,15 @@ def plot_figures(metrics: dict, trials: list[dict], losses: list[dict], folder: 
         ax.bar(range(len(groups)), vals, bottom=bottom, color=color, label=name)
         bottom += vals
     fp = metrics["results"][final]["control"]["false_positive"]
-    ax.bar(len(groups) + 0.5, fp["rate"], color="#6a4c93", label="false positive (controls)")
-    ax.set_xticks(list(range(len(groups))) + [len(groups) + 0.5],
-                  [f"{split}\n{s}" for split, s in groups] + ["controls"], fontsize=7)
+    ax.bar(len(groups) + 0.5, fp["rate"], color="#6a4c93", label="false positive (sampled controls)")
+    ticks, names = list(range(len(groups))) + [len(groups) + 0.5], [f"{split}\n{s}" for split, s in groups] + ["controls"]
+    matched = metrics["results"][final].get("matched_control", {}).get("false_positive", {})
+    if matched.get("n"):
+        ax.bar(len(groups) + 1.5, matched["rate"], color="#3a7ca5", label="false positive (matched: eval prompt, greedy)")
+        ticks, names = ticks + [len(groups) + 1.5], names + ["matched\ncontrol"]
+    ax.set_xticks(ticks, names, fontsize=7)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"Outcome breakdown ({final})")
     save(fig, "outcome_breakdown")
 
