@@ -92,10 +92,8 @@ def test_injection_moves_the_residual_stream_at_the_layer_by_alpha_v(shape, tok)
     assert torch.equal(at5[0, :-1], at0[0, :-1]) and not torch.allclose(after5[0, -1], after0[0, -1])
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_lora_loss_with_the_lm_head_window_equals_the_full_loss(shape, tok):
-    """The CUDA training path's LM-head window on each architecture (LoRA on q/k/v/o exists on all of them)."""
-    from peft import LoraConfig, get_peft_model
+def lora_batch(shape, tok):
+    """A fixed-shape training batch of three examples (one injected) and the LM-head window that holds its labels."""
     rows_ = [{"question": q, "completion": c, "concept": k, "strength": a} for q, c, k, a in
              zip(QUESTIONS, [" I detect an injected thought about fire.", ie.NEGATIVE_COMPLETION, " Yes."],
                  ["fire", "", ""], ["1x", "", ""])]
@@ -103,8 +101,16 @@ def test_lora_loss_with_the_lm_head_window_equals_the_full_loss(shape, tok):
     width = max(len(e["prompt"]) + len(e["completion"]) for e in examples)
     hidden = ie.RANDOM_SHAPES[shape]["hidden_size"]
     batch = ie.collate(examples, {"fire": torch.ones(hidden) / hidden ** 0.5}, 1.0, tok.pad_token_id, shape=(4, width))
+    return batch, torch.arange(min(len(e["prompt"]) for e in examples) - 1, width)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lora_loss_with_the_lm_head_window_equals_the_full_loss(shape, tok):
+    """The CUDA training path's LM-head window on each architecture (LoRA on q/k/v/o exists on all of them)."""
+    from peft import LoraConfig, get_peft_model
+    batch, window = lora_batch(shape, tok)
     losses = []
-    for keep in (None, torch.arange(min(len(e["prompt"]) for e in examples) - 1, width)):
+    for keep in (None, window):
         model = get_peft_model(random_model(shape, tok, **long_window(shape)),
                                LoraConfig(r=4, target_modules=ie.LORA_TARGETS))
         model.train()
@@ -174,15 +180,8 @@ def test_cuda_graphed_training_step_matches_eager(shape, tok, caplog):
     """train_lora's CUDA path (graphed forward+backward with the LM-head window, or its logged eager fallback) gives
     the eager step's loss on each architecture, float32."""
     from peft import LoraConfig, get_peft_model
-    rows_ = [{"question": q, "completion": c, "concept": k, "strength": a} for q, c, k, a in
-             zip(QUESTIONS, [" I detect an injected thought about fire.", ie.NEGATIVE_COMPLETION, " Yes."],
-                 ["fire", "", ""], ["1x", "", ""])]
-    examples = ie.tokenize_examples(rows_, tok, "paper")
-    width = max(len(e["prompt"]) + len(e["completion"]) for e in examples)
-    hidden = ie.RANDOM_SHAPES[shape]["hidden_size"]
-    batch = {k: v.cuda() for k, v in ie.collate(examples, {"fire": torch.ones(hidden) / hidden ** 0.5}, 1.0,
-                                                 tok.pad_token_id, shape=(4, width)).items()}
-    keep = torch.arange(min(len(e["prompt"]) for e in examples) - 1, width, device="cuda")
+    batch, keep = lora_batch(shape, tok)
+    batch, keep = {k: v.cuda() for k, v in batch.items()}, keep.cuda()
     model = get_peft_model(random_model(shape, tok, device="cuda", **long_window(shape)),
                            LoraConfig(r=4, lora_dropout=0.0, target_modules=ie.LORA_TARGETS))
     ie.speed_up_cuda(model)
