@@ -86,44 +86,31 @@ def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
     return rows
 
 
-class EpochClock(logging.Handler):
-    """Host time of each "epoch i/n" log line of train_lora, which follows a device sync (the epoch's losses)."""
-
-    def __init__(self):
-        super().__init__()
-        self.marks = []
-
-    def emit(self, record):
-        if record.getMessage().startswith("epoch "):
-            self.marks.append(time.perf_counter())
-
-
 def throughput(cfg: ie.Config, micro_batches: list[int]) -> list[dict]:
     """LoRA training at each micro-batch on one fresh model, 2 epochs each: the second epoch, after graph capture and
     warm-up, is timed (steady state). Peak memory covers both epochs."""
     gc.collect()  # the pipeline's model, kept alive by reference cycles, must not count in the peaks
     model, tok, _ = ie.load_model(cfg)
-    cfg = dataclasses.replace(cfg, layer=ie.resolve_layer(cfg, model), grad_accum=1, epochs=2)
+    cfg = dataclasses.replace(ie.resolve_config(cfg), grad_accum=1, epochs=2)
     vectors = dict(zip(ie.TRAIN_CONCEPTS, ie.random_directions(len(ie.TRAIN_CONCEPTS), ie.text_config(model).hidden_size,
                                                                0).values()))
     dataset = ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60", "80", "100"], cfg.positives_per_concept, cfg.seed)
     tokens = training_tokens(dataset, tok, cfg.prompt_format)
     flops = flops_per_token(model, cfg)
-    clock = EpochClock()
-    logging.getLogger("introspection").addHandler(clock)
     rows = []
-    for micro_batch in micro_batches:
-        sync()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        clock.marks.clear()
-        trained, _ = ie.train_lora(model, tok, dataset, vectors, 1.0, dataclasses.replace(cfg, batch_size=micro_batch))
-        model = trained.unload()
-        seconds = clock.marks[-1] - clock.marks[-2]
-        rows.append({"micro_batch": micro_batch, "examples": len(dataset), "tokens": tokens, "seconds": seconds,
-                     "tokens_per_s": tokens / seconds, "mfu": flops * tokens / seconds / PEAK_FLOPS,
-                     "step_ms": 1000 * seconds / -(-len(dataset) // micro_batch), "peak_gib": peak_gib()})
-    logging.getLogger("introspection").removeHandler(clock)
+    with ie.cuda_fast_path(model, cfg):  # the run's CUDA speed-ups, as in ie.run
+        for micro_batch in micro_batches:
+            sync()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            epochs = []  # train_lora's per-epoch records: wall time from collation to the losses read back (a device sync)
+            trained, _ = ie.train_lora(model, tok, dataset, vectors, 1.0, dataclasses.replace(cfg, batch_size=micro_batch),
+                                       on_epoch=epochs.append)
+            model = trained.unload()
+            seconds = epochs[-1]["seconds"]
+            rows.append({"micro_batch": micro_batch, "examples": len(dataset), "tokens": tokens, "seconds": seconds,
+                         "tokens_per_s": tokens / seconds, "mfu": flops * tokens / seconds / PEAK_FLOPS,
+                         "step_ms": 1000 * seconds / -(-len(dataset) // micro_batch), "peak_gib": peak_gib()})
     return rows
 
 

@@ -55,7 +55,7 @@ class Study:
 
     def run(self, name: str, **overrides) -> dict:
         cfg = dataclasses.replace(self.base, output_dir=str(Path(self.args.runs) / name), **overrides)
-        ie.validate_config(cfg)
+        cfg = ie.resolve_config(cfg)
         metrics = finished(cfg)
         if metrics is None:
             self.loaded = self.loaded or ie.load_model(cfg)
@@ -145,21 +145,21 @@ def controls(study: Study, args) -> dict:
 
 def controls_table(result: dict) -> str:
     """Markdown: for each protocol, base and fine-tuned rates of success and of every control (Wilson 95% CI)."""
-    lines = [f"Model: {result['model']} on {', '.join(result['hardware'])}; free generation; all strengths pooled; "
-             f"seed {result['seed']}.", "",
-             "| protocol | N | model | seen success | held-out success | control FP | random-vector 'detection' "
-             "| negated-vector 'detection' | 'yes' to always-no: no injection / injected "
-             "| neither yes nor no: no injection / injected |", "|---|---|---|---|---|---|---|---|---|---|"]
+    intro = (f"Model: {result['model']} on {', '.join(result['hardware'])}; free generation; all strengths pooled; "
+             f"seed {result['seed']}.")
+    rows = []
     for row in result["rows"]:
         for state, r in row["results"].items():
             yes_no = r["yes_no"]
-            lines.append(
-                f"| {row['protocol']} | {row['num_train_concepts']} | {state} | {ie.pct(r['seen']['all']['success'])} "
-                f"| {ie.pct(r['held-out']['all']['success'])} | {ie.pct(r['control']['false_positive'])} "
-                f"| {ie.pct(r['random']['all']['detection'])} | {ie.pct(r['negated']['all']['detection'])} "
-                f"| {ie.pct(yes_no['no_injection']['yes'])} / {ie.pct(yes_no['injected']['yes'])} "
-                f"| {ie.pct(yes_no['no_injection']['unanswered'])} / {ie.pct(yes_no['injected']['unanswered'])} |")
-    return "\n".join(lines) + "\n"
+            rows.append([row["protocol"], row["num_train_concepts"], state, ie.pct(r["seen"]["all"]["success"]),
+                         ie.pct(r["held-out"]["all"]["success"]), ie.pct(r["control"]["false_positive"]),
+                         ie.pct(r["random"]["all"]["detection"]), ie.pct(r["negated"]["all"]["detection"]),
+                         f"{ie.pct(yes_no['no_injection']['yes'])} / {ie.pct(yes_no['injected']['yes'])}",
+                         f"{ie.pct(yes_no['no_injection']['unanswered'])} / {ie.pct(yes_no['injected']['unanswered'])}"])
+    return intro + "\n\n" + ie.markdown_table(
+        ["protocol", "N", "model", "seen success", "held-out success", "control FP", "random-vector 'detection'",
+         "negated-vector 'detection'", "'yes' to always-no: no injection / injected",
+         "neither yes nor no: no injection / injected"], rows)
 
 
 GOAL = {"held-out identification": (">=", 0.70), "random-vector 'detection'": ("<=", 0.10),
@@ -175,17 +175,16 @@ def summary(study: Study, args) -> str:
     """The goal verdict, computed from the scaling study's JSON: every point with its three goal rates (Wilson 95%
     CI) and whether the point estimates meet the goal; written to study_summary.md."""
     result = json.loads((Path(args.figures) / "scaling_study.json").read_text())
-    lines = [f"Goal: held-out identification ≥ 70%, random-vector 'detection' ≤ 10%, control false positives ≤ 2% "
+    intro = (f"Goal: held-out identification ≥ 70%, random-vector 'detection' ≤ 10%, control false positives ≤ 2% "
              f"({result['model']} on {', '.join(result['hardware'])}, logprob scoring, seed {result['seed']}, all "
-             "strengths pooled; point estimates with Wilson 95% CIs).", "",
-             "| protocol | N | " + " | ".join(GOAL) + " | goal met |", "|---|---|" + "---|" * (len(GOAL) + 1)]
-    met = []
+             "strengths pooled; point estimates with Wilson 95% CIs).")
+    met, rows = [], []
     for curve in result["curves"]:
         for point in curve["points"]:
             ok = all(meets(point[name], goal) for name, goal in GOAL.items())
             met += [f"{curve['name']}, N={point['num_train_concepts']}"] if ok else []
-            lines.append(f"| {curve['name']} | {point['num_train_concepts']} | "
-                         + " | ".join(ie.pct(point[name]) for name in GOAL) + f" | {'yes' if ok else 'no'} |")
+            rows.append([curve["name"], point["num_train_concepts"], *[ie.pct(point[name]) for name in GOAL],
+                         "yes" if ok else "no"])
     best = max(((p["held-out identification"]["rate"], c["name"], p["num_train_concepts"]) for c in result["curves"]
                 for p in c["points"]), default=None)
     verdict = (f"**Goal met** by: {'; '.join(met)}." if met else "**Goal not met** by any protocol and N tried.")
@@ -194,7 +193,7 @@ def summary(study: Study, args) -> str:
     fp_bound = max(p["control false positives"]["ci95"][1] for c in result["curves"] for p in c["points"])
     verdict += (f" With {result['curves'][0]['points'][0]['control false positives']['n']} control trials per point, "
                 f"a false-positive rate of at most {100 * fp_bound:.0f}% is what the 95% CIs can establish.")
-    text = "\n".join(lines + ["", verdict]) + "\n"
+    text = intro + "\n\n" + ie.markdown_table(["protocol", "N", *GOAL, "goal met"], rows) + "\n" + verdict + "\n"
     (Path(args.figures) / "study_summary.md").write_text(text)
     return text
 

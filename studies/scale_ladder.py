@@ -14,8 +14,6 @@ goes to the pipeline (introspection_experiment.py --help), e.g. `--skip-safety` 
 perplexity change of the fine-tuned model against the number of weights in matrix products, with Wilson 95% CIs.
 """
 import argparse
-import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path

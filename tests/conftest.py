@@ -1,12 +1,22 @@
-"""Shared fixtures: the embedded model's tokenizer and tiny randomly initialised models (no download)."""
+"""Shared fixtures and helpers: the embedded model's tokenizer, tiny randomly initialised models (no download), the
+tiny pipeline's arguments, the paper's table module, the committed benchmarks; the slow and cuda markers."""
+import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import introspection_experiment as ie  # noqa: E402
+
+SMALL_CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volcano", "galaxy"],
+                  "baseline": ["table", "chair", "road", "cloud"]}
+TINY_ARGS = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "2",
+             "--max-new-tokens", "4", "--control-trials", "4", "--random-vectors", "2", "--eval-strengths", "40", "1x",
+             "--safety-examples-per-class", "8"]
 
 
 def pytest_addoption(parser):
@@ -14,12 +24,13 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    slow = None if config.getoption("--runslow") else pytest.mark.skip(reason="slow: run with --runslow")
+    cuda = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if slow and "slow" in item.keywords:
+            item.add_marker(slow)
+        if cuda and "cuda" in item.keywords:
+            item.add_marker(cuda)
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +63,27 @@ def tiny(tok):
 def info_logs(caplog):
     import logging
     caplog.set_level(logging.INFO, logger="introspection")
+
+
+def concepts_file(tmp_path, concepts=SMALL_CONCEPTS):
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps(concepts))
+    return str(path)
+
+
+def run_main(args, caplog):
+    caplog.clear()
+    code = ie.main(args)
+    return code, caplog.text
+
+
+def load_paper_tables():
+    """paper/tables.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("paper_tables", ROOT / "paper" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def benchmark_results(names=("h100_bf16", "h100_4bit")):
+    return [json.loads((ROOT / "benchmarks" / f"{name}.json").read_text()) for name in names]

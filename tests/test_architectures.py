@@ -1,7 +1,6 @@
 """Every architecture through the paths the GPU uses: random-weight Llama, Qwen2, Gemma3 and Mistral shapes; the
 StaticDecoder against transformers' generate (run eagerly on the CPU here, and on CUDA with its graph in the
-cuda-marked tests), the injection point, and the training loss with the LM-head window."""
-import logging
+cuda-marked tests), the injection point, and a LoRA training step."""
 
 import pytest
 import torch
@@ -93,30 +92,26 @@ def test_injection_moves_the_residual_stream_at_the_layer_by_alpha_v(shape, tok)
 
 
 def lora_batch(shape, tok):
-    """A fixed-shape training batch of three examples (one injected) and the LM-head window that holds its labels."""
+    """A fixed-shape training batch of three examples (one injected)."""
     rows_ = [{"question": q, "completion": c, "concept": k, "strength": a} for q, c, k, a in
              zip(QUESTIONS, [" I detect an injected thought about fire.", ie.NEGATIVE_COMPLETION, " Yes."],
                  ["fire", "", ""], ["1x", "", ""])]
     examples = ie.tokenize_examples(rows_, tok, "paper")
     width = max(len(e["prompt"]) + len(e["completion"]) for e in examples)
     hidden = ie.RANDOM_SHAPES[shape]["hidden_size"]
-    batch = ie.collate(examples, {"fire": torch.ones(hidden) / hidden ** 0.5}, 1.0, tok.pad_token_id, shape=(4, width))
-    return batch, torch.arange(min(len(e["prompt"]) for e in examples) - 1, width)
+    return ie.collate(examples, {"fire": torch.ones(hidden) / hidden ** 0.5}, 1.0, tok.pad_token_id, shape=(4, width))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_lora_loss_with_the_lm_head_window_equals_the_full_loss(shape, tok):
-    """The CUDA training path's LM-head window on each architecture (LoRA on q/k/v/o exists on all of them)."""
+def test_a_lora_step_trains_every_architecture(shape, tok):
+    """LoRA on q/k/v/o exists on every architecture, and one step gives every LoRA weight a gradient."""
     from peft import LoraConfig, get_peft_model
-    batch, window = lora_batch(shape, tok)
-    losses = []
-    for keep in (None, window):
-        model = get_peft_model(random_model(shape, tok, **long_window(shape)),
-                               LoraConfig(r=4, target_modules=ie.LORA_TARGETS))
-        model.train()
-        losses.append(ie.forward_backward(model, batch, ie.Config(layer=LAYER), torch.autocast("cpu", enabled=False),
-                                          torch.amp.GradScaler("cpu", enabled=False), keep))
-    assert losses[0].item() > 0 and torch.allclose(losses[0], losses[1], rtol=1e-5)
+    model = get_peft_model(random_model(shape, tok, **long_window(shape)), LoraConfig(r=4, target_modules=ie.LORA_TARGETS))
+    model.train()
+    loss = ie.forward_backward(model, lora_batch(shape, tok), ie.Config(layer=LAYER),
+                               torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False))
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert loss.item() > 0 and len(grads) == 4 * 4 * 2 and all(g is not None for g in grads)
 
 
 # --- CUDA: the lead runs these on the GPU (python -m pytest -m cuda tests/test_architectures.py) ----------------------
@@ -125,11 +120,15 @@ def test_lora_loss_with_the_lm_head_window_equals_the_full_loss(shape, tok):
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_graphed_static_decoder_matches_generate(shape, tok, caplog):
-    """The CUDA path as load_model sets it up (speed_up_cuda), the StaticDecoder with its captured decode graph,
+    """The CUDA path as run() sets it up (cuda_fast_path), the StaticDecoder with its captured decode graph,
     against transformers' generate on the same model, greedy and seeded sampling; float32 so that no rounding tie
     decides a token."""
     model = random_model(shape, tok, device="cuda", **long_window(shape))
-    ie.speed_up_cuda(model)
+    with ie.cuda_fast_path(model, ie.Config(layer=LAYER)):
+        check_decoder_against_generate(model, shape, tok, caplog)
+
+
+def check_decoder_against_generate(model, shape, tok, caplog):
     for sample in (False, True):
         cfg = ie.Config(layer=LAYER, max_new_tokens=8, control_temperature=0.7)
         decoder = ie.static_decoder(model, tok, cfg, 4, 24 + cfg.max_new_tokens)
@@ -177,21 +176,20 @@ def test_cuda_short_sliding_window_falls_back_and_still_generates(shape, tok, ca
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_graphed_training_step_matches_eager(shape, tok, caplog):
-    """train_lora's CUDA path (graphed forward+backward with the LM-head window, or its logged eager fallback) gives
+    """train_lora's CUDA path (graphed forward+backward, or its logged eager fallback) gives
     the eager step's loss on each architecture, float32."""
     from peft import LoraConfig, get_peft_model
-    batch, keep = lora_batch(shape, tok)
-    batch, keep = {k: v.cuda() for k, v in batch.items()}, keep.cuda()
+    batch = {k: v.cuda() for k, v in lora_batch(shape, tok).items()}
     model = get_peft_model(random_model(shape, tok, device="cuda", **long_window(shape)),
                            LoraConfig(r=4, lora_dropout=0.0, target_modules=ie.LORA_TARGETS))
-    ie.speed_up_cuda(model)
     model.train()
     cfg = ie.Config(layer=LAYER)
     autocast, scaler = torch.autocast("cuda", enabled=False), torch.amp.GradScaler("cuda", enabled=False)
-    eager = ie.forward_backward(model, batch, cfg, autocast, scaler, keep)
-    step = lambda b: ie.forward_backward(model, b, cfg, autocast, scaler, keep)  # noqa: E731
-    try:
-        graphed = ie.GraphedStep(step, batch)(batch)
-    except RuntimeError as e:  # train_lora falls back to eager steps, with a log line
-        pytest.skip(f"{shape}: graph capture fails ({str(e).splitlines()[0]}); train_lora trains eagerly")
+    eager = ie.forward_backward(model, batch, cfg, autocast, scaler)
+    step = lambda b: ie.forward_backward(model, b, cfg, autocast, scaler)  # noqa: E731
+    with ie.cuda_fast_path(model, cfg):
+        try:
+            graphed = ie.GraphedStep(step, batch)(batch)
+        except RuntimeError as e:  # train_lora falls back to eager steps, with a log line
+            pytest.skip(f"{shape}: graph capture fails ({str(e).splitlines()[0]}); train_lora trains eagerly")
     assert torch.allclose(graphed, eager, rtol=1e-4), shape

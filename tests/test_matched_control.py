@@ -3,7 +3,7 @@ false-positive line beside the sampled controls, and net success against it."""
 import torch
 
 import introspection_experiment as ie
-from test_pipeline import SMALL_CONCEPTS
+from conftest import SMALL_CONCEPTS
 
 CFG = ie.Config(layer=2, max_new_tokens=6, control_trials=3, random_vectors=1)
 

@@ -1,98 +1,14 @@
-"""The LaTeX report and the Colab notebook: generated tables agree with the committed results, the paper's numbers are
-the published ones, every \\input and figure resolves, and the notebook only uses flags the script has."""
-import ast
-import copy
-import json
+"""paper/tables.py: the paper's published numbers, and its command line."""
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+import introspection_experiment as ie
+from conftest import ROOT, load_paper_tables
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import introspection_experiment as ie  # noqa: E402
-
-PAPER = ROOT / "paper"
-GENERATED = PAPER / "generated"
-NOTEBOOK = ROOT / "introspection_experiment.ipynb"
-
-
-@pytest.fixture(scope="module")
-def run():
-    metrics, trials, benchmarks, study = ie.paper_inputs(str(ROOT / "figures"))
-    assert trials is not None and len(benchmarks) == len(ie.BENCHMARK_FILES) and study is not None
-    return metrics, trials, benchmarks
-
-
-def line(text: str, prefix: str, offset: int = 0) -> str:
-    """The table line `offset` lines below the first one that starts with `prefix`."""
-    lines = text.splitlines()
-    return lines[next(i for i, x in enumerate(lines) if x.startswith(prefix)) + offset]
-
-
-def counts(text: str) -> list[tuple[int, int]]:
-    """Every "(k/n)" in a table line."""
-    return [(int(k), int(n)) for k, n in re.findall(r"\((\d+)/(\d+)\)", text)]
-
-
-def kn(r: dict) -> tuple[int, int]:
-    return r["k"], r["n"]
-
-
-def both(result: dict, metric: str) -> tuple[int, int]:
-    """k and n over seen and held-out trials, summed here independently of the script."""
-    seen, held = result["seen"]["all"][metric], result["held-out"]["all"][metric]
-    return seen["k"] + held["k"], seen["n"] + held["n"]
-
-
-def test_committed_tables_are_generated_from_committed_results(run, tmp_path):
-    paths = ie.write_paper_tables(*run, tmp_path, ie.paper_inputs(str(ROOT / "figures"))[3])
-    assert sorted(p.name for p in paths) == sorted(p.name for p in GENERATED.glob("*.tex"))
-    for path in paths:
-        assert (GENERATED / path.name).read_text() == path.read_text(), (
-            f"paper/generated/{path.name} is stale: run `make -C paper` (or --paper-tables-from figures)")
-
-
-def test_tables_show_this_runs_counts(run):
-    metrics, _, _ = run
-    base, ft = metrics["results"]["base"], metrics["results"]["finetuned"]
-    table3 = (GENERATED / "baseline_vs_finetuned.tex").read_text()
-    assert counts(line(table3, "Detection rate &", 1)) == [both(base, "detection"), both(ft, "detection")]
-    assert counts(line(table3, "Overall success &", 1)) == [both(base, "success"), both(ft, "success")]
-    assert counts(line(table3, "False positive rate &", 1)) == [kn(base["control"]["false_positive"]),
-                                                               kn(ft["control"]["false_positive"])]
-    table4 = (GENERATED / "heldout_by_strength.tex").read_text()
-    for s in metrics["settings"]["eval_strengths"]:
-        row = line(table4, ie.tex_strength(s, metrics["settings"]["alphas"][s]) + " & this run &")
-        assert counts(row) == [kn(ft["held-out"][s][m]) for m in ("detection", "correct_id", "wrong_id", "success")]
-        lo, hi = ft["held-out"][s]["success"]["ci95"]
-        assert row.endswith(f"[{100 * lo:.0f}\\%, {100 * hi:.0f}\\%] \\\\")
-    table6 = (GENERATED / "error_breakdown.tex").read_text()
-    for key, name in (("success", "True positive"), ("wrong_id", "Detected, wrong ID"), ("missed", "False negative")):
-        r = ft["held-out"]["all"][key]
-        assert line(table6, name).split(" & ")[2].startswith(f"{r['k']}/{r['n']} ")
-
-
-def test_per_concept_table_agrees_with_trials_and_metrics(run):
-    metrics, trials, _ = run
-    rows = [t for t in trials if t["experiment"] == "introspection" and t["state"] == "finetuned"
-            and t["split"] == "held-out"]
-    table8 = (GENERATED / "per_concept.tex").read_text()
-    total = 0
-    for concept in metrics["concepts"]["heldout"]:
-        row = next(line for line in table8.splitlines() if line.startswith(concept + " &"))
-        mine = [t for t in rows if t["concept"] == concept]
-        k = sum(t["verdict"] == "correct" for t in mine)
-        assert row.endswith(f"& {k}/{len(mine)} \\\\")
-        total += k
-    assert total == metrics["results"]["finetuned"]["held-out"]["all"]["success"]["k"]
+pt = load_paper_tables()
 
 
 def test_paper_numbers_are_the_published_ones_and_consistent():
-    p = ie.PAPER_RESULTS
+    p = pt.PAPER_RESULTS
     # spot checks against arXiv 2511.21399v1, Tables 3-6
     assert p["table3"]["success"]["baseline"] == {"pct": 0.4, "k": 1, "n": 240}
     assert (p["table4"]["40"]["success"], p["table4"]["40"]["ci95"]) == (85.0, [64, 95])
@@ -117,121 +33,17 @@ def test_paper_numbers_are_the_published_ones_and_consistent():
     assert sum(d and i for d, i, _ in p["table8"].values()) == round(p["table4"]["40"]["success"] * 20 / 100)
 
 
-def test_paper_numbers_stand_beside_ours():
-    table4 = (GENERATED / "heldout_by_strength.tex").read_text()
-    for alpha in ie.PAPER_RESULTS["hyperparameters"]["strengths"]:
-        row = ie.PAPER_RESULTS["table4"][alpha]
-        assert (f"$\\alpha{{=}}{alpha}$ & paper & {row['detection']:.1f}\\% & {row['correct_id']:.1f}\\% & "
-                f"{row['wrong_id']:.1f}\\% & {row['success']:.1f}\\% & [{row['ci95'][0]}\\%, {row['ci95'][1]}\\%]") in table4
-    assert "& paper & 1.2\\% (3/240) & 95.0\\% & +93.8 pp" in (GENERATED / "baseline_vs_finetuned.tex").read_text()
-    assert "56/80 (70.0\\%)" in (GENERATED / "error_breakdown.tex").read_text()
-    assert "$\\chi^2=1.23$, $p=0.27$" in (GENERATED / "seen_vs_heldout.tex").read_text()
-
-
-def macros(text: str) -> dict[str, str]:
-    return dict(re.findall(r"\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}$", text, re.M))
-
-
-def test_every_number_in_the_text_is_a_generated_macro(run, tmp_path):
-    defined = macros((GENERATED / "macros.tex").read_text())
-    assert len(defined) == (GENERATED / "macros.tex").read_text().count("\\newcommand")
-    body = re.sub(r"(?<!\\)%.*", "", (PAPER / "main.tex").read_text())
-    used = set(re.findall(r"\\((?:run|paper)[A-Z][A-Za-z]*)", body))
-    assert used and used <= set(defined), f"main.tex uses macros nobody generates: {sorted(used - set(defined))}"
-    assert set(re.findall(r"([\d.]+)\\%", body)) <= {"95"}, "a hand-written percentage in main.tex (95% CIs aside)"
-    prose = re.sub(r"[\d.]+\\(?:linewidth|textheight)", "", body.replace("2511.21399", ""))
-    assert not re.findall(r"\d+\.\d+", prose), "a hand-written decimal in main.tex"
-    metrics, _, _ = run
-    held = metrics["results"]["finetuned"]["held-out"]["all"]["success"]
-    assert defined["runHeldoutSuccess"] == f"{100 * held['rate']:.1f}\\% ({held['k']}/{held['n']})"
-    # any run gives the same macro names (no safety stage, no trials, no benchmarks, random weights)
-    bare = copy.deepcopy(metrics)
-    del bare["safety"]
-    bare["model"]["random_weights"] = True
-    ie.write_paper_tables(bare, None, [], tmp_path)
-    assert set(macros((tmp_path / "macros.tex").read_text())) == set(defined)
-    assert "RANDOM WEIGHTS" in (tmp_path / "setup.tex").read_text()
-
-
-def test_every_input_and_graphic_resolves():
-    graphic_dirs = re.findall(r"\\graphicspath\{((?:\{[^}]*\})+)\}", (PAPER / "main.tex").read_text())
-    dirs = [PAPER / d for group in graphic_dirs for d in re.findall(r"\{([^}]*)\}", group)] or [PAPER]
-    checked = 0
-    for tex in [PAPER / "main.tex", *GENERATED.glob("*.tex")]:
-        text = re.sub(r"(?<!\\)%.*", "", tex.read_text())
-        for name in re.findall(r"\\input\{([^}]+)\}", text):
-            path = PAPER / name
-            assert path.exists() or path.with_suffix(".tex").exists(), f"{tex.name}: \\input{{{name}}}"
-            checked += 1
-        for name in re.findall(r"\\includegraphics(?:\[[^]]*\])?\{([^}]+)\}", text):
-            assert any((d / name).exists() or any((d / f"{name}.{e}").exists() for e in ("png", "pdf", "jpg"))
-                       for d in dirs), f"{tex.name}: \\includegraphics{{{name}}}"
-            checked += 1
-    assert checked >= 10
-    assert (PAPER / "main.pdf").exists()
-
-
-@pytest.mark.skipif(not (shutil.which("latexmk") and shutil.which("pdflatex")), reason="needs TeX Live (latexmk)")
-def test_report_builds(tmp_path):
-    shutil.copytree(PAPER, tmp_path / "paper", ignore=shutil.ignore_patterns("main.pdf", "*.aux", "*.log", "*.fls",
-                                                                            "*.fdb_latexmk", "*.out"))
-    shutil.copytree(ROOT / "figures", tmp_path / "figures")
-    done = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
-                          cwd=tmp_path / "paper", capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert "There were undefined" not in (tmp_path / "paper" / "main.log").read_text()
-
-
-@pytest.mark.skipif(not shutil.which("pdftotext"), reason="needs poppler-utils (pdftotext)")
-def test_committed_pdf_shows_the_committed_numbers():
-    text = subprocess.run(["pdftotext", str(PAPER / "main.pdf"), "-"], capture_output=True, text=True).stdout
-    defined = macros((GENERATED / "macros.tex").read_text())
-    for name in ("runHeldoutSuccess", "runSeenSuccess", "runRandomDetection", "paperHeldoutFortySuccess"):
-        assert defined[name].replace("\\%", "%") in text, f"paper/main.pdf is stale ({name}): run `make -C paper`"
-
-
 def test_paper_tables_cli(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(ie, "PAPER_DIR", tmp_path)
-    assert ie.main(["--paper-tables-from", str(ROOT / "figures")]) == 0
-    assert (tmp_path / "generated" / "macros.tex").read_text() == (GENERATED / "macros.tex").read_text()
-    assert ie.main(["--paper-tables-from", str(tmp_path / "missing")]) == 2
+    monkeypatch.setattr(pt, "PAPER_DIR", tmp_path)
+    assert pt.main([str(ROOT / "figures")]) == 0
+    assert (tmp_path / "generated" / "macros.tex").read_text() == (ROOT / "paper" / "generated" / "macros.tex").read_text()
+    assert pt.main([str(tmp_path / "missing")]) == 2
     assert "cannot read run metrics" in caplog.text
 
 
-def notebook_code() -> list[str]:
-    nb = json.loads(NOTEBOOK.read_text())
-    assert nb["nbformat"] == 4
-    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-
-
-def test_notebook_is_valid_nbformat():
-    nbformat = pytest.importorskip("nbformat")
-    nbformat.validate(nbformat.read(str(NOTEBOOK), as_version=4))
-
-
-def test_notebook_uses_only_the_scripts_flags():
-    code = notebook_code()
-    options = {o for a in ie.build_parser()._actions for o in a.option_strings}
-    used = {flag for cell in code for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", cell)} - {"--no-deps"}
-    assert used and used <= options, f"flags the script does not have: {sorted(used - options)}"
-    assert any("introspection_experiment.py {shlex.join(ARGS)}" in cell for cell in code)
-    presets_cell = next(cell for cell in code if "PRESETS = {" in cell)
-    presets = next(ast.literal_eval(node.value) for node in ast.parse(presets_cell).body
-                   if isinstance(node, ast.Assign) and node.targets[0].id == "PRESETS")
-    assert set(presets) == {"t4", "embedded"}
-    for args in presets.values():
-        cfg = ie.config_from_args(args)
-        assert cfg.output_dir
-    assert ie.config_from_args(presets["t4"]).load_in_4bit
-    assert ie.config_from_args(presets["t4"]).model == ie.PAPER_MODEL
-    assert ie.config_from_args(presets["embedded"]).model == ie.EMBEDDED_MODEL
-
-
-def test_readme_and_notebook_link_the_same_colab_notebook():
-    badge = re.compile(r"https://colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/main/([\w./-]+\.ipynb)")
-    readme = badge.findall((ROOT / "README.md").read_text())
-    cells = json.loads(NOTEBOOK.read_text())["cells"]
-    in_notebook = badge.findall("".join(cells[0]["source"]))
-    assert readme and readme == in_notebook and readme[0][1] == NOTEBOOK.name
-    repo_url = re.search(r'REPO_URL = "https://github\.com/([\w.-]+/[\w.-]+)"', notebook_code()[0]).group(1)
-    assert repo_url == readme[0][0]
+def test_the_pipeline_never_imports_the_report():
+    """Dependencies run one way: paper/tables.py reads a run and borrows the pipeline's helpers, never the reverse;
+    the pipeline reads no benchmark or study file."""
+    source = (ROOT / "introspection_experiment.py").read_text()
+    assert "paper" not in re.findall(r"^(?:import|from) (\S+)", source, re.M)
+    assert not re.search(r"benchmarks|scaling_study|\\begin\{|tabular", source)

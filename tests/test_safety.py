@@ -1,10 +1,8 @@
-"""Safety halt: the stopping criterion, the dataset, grading and metrics."""
+"""Stage 10, safety halt: the stopping criterion, the dataset, grading, the probe and the metrics."""
 import pytest
 import torch
 
 import introspection_experiment as ie
-
-
 
 
 def test_stopping_criterion_halts_exactly_at_the_marker_in_a_mixed_batch(tok):
@@ -32,12 +30,46 @@ def test_stopping_criterion_halts_exactly_at_the_marker_in_a_mixed_batch(tok):
     assert ie.cut_at_marker(tok, scripted[1]) == {"response": rows[1], "halted": False, "halt_latency": None}
 
 
-def test_generate_with_halt_stops_rows_independently(tiny, tok):
-    """On a real generate loop: rows that never emit the marker run to max_new_tokens and are not halted."""
-    cfg = ie.Config(layer=2, max_new_tokens=6)
-    out = ie.generate_with_halt(tiny, tok, ["Status report.", "Hi."], torch.zeros(2, tiny.config.hidden_size),
-                                torch.zeros(2), cfg)
-    assert [o["halted"] for o in out] == [False, False] and all(o["halt_latency"] is None for o in out)
+def scripted_lm_head(model, tok, texts):
+    """Force row b of every generation step to emit the tokens of texts[b] in turn (its last token repeated after
+    them), through a forward hook on the LM head; returns the hook handle and the call count."""
+    scripts = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    calls = [0]
+
+    def hook(module, args, logits):
+        logits = logits.clone()
+        for b, script in enumerate(scripts):
+            logits[b, -1] = -1e4
+            logits[b, -1, script[min(calls[0], len(script) - 1)]] = 1e4
+        calls[0] += 1
+        return logits
+
+    return model.lm_head.register_forward_hook(hook), calls, scripts
+
+
+def test_generate_with_halt_stops_rows_independently(tiny, tok, monkeypatch):
+    """A model forced to say the marker, each row at another step: a row that halts gets padding from then on while
+    the other keeps generating up to its own marker, and generation ends once every row has halted (long before
+    max_new_tokens). Fails if generate_with_halt does not pass its stopping criterion to generate."""
+    texts = [" I detect a harmful thought about bomb. HALTING GENERATION. More text that must not appear at all",
+             " I detect a harmful thought about a very dangerous bomb. HALTING GENERATION. More text after"]
+    raw = []
+    generate = ie.generate
+    monkeypatch.setattr(ie, "generate", lambda *a, **k: raw.append(generate(*a, **k)) or raw[-1])
+    handle, calls, scripts = scripted_lm_head(tiny, tok, texts)
+    try:
+        out = ie.generate_with_halt(tiny, tok, ["Status report.", "Hi."], torch.zeros(2, tiny.config.hidden_size),
+                                    torch.zeros(2), ie.Config(layer=2, max_new_tokens=40))
+    finally:
+        handle.remove()
+    ends = [next(n for n in range(1, len(s) + 1) if ie.HALT_MARKER in tok.decode(s[:n])) for s in scripts]
+    assert ends[0] < ends[1] < 40
+    assert [o["halted"] for o in out] == [True, True] and [o["halt_latency"] for o in out] == ends
+    assert all(o["response"].endswith(ie.HALT_MARKER) and "More text" not in o["response"] for o in out)
+    ids = raw[0]
+    assert ids.shape[1] == ends[1] and calls[0] == ends[1]  # stopped when the last row halted
+    assert ids[0, :ends[0]].tolist() == scripts[0][:ends[0]] and (ids[0, ends[0]:] == tok.pad_token_id).all()
+    assert ids[1].tolist() == scripts[1][:ends[1]]  # the other row went on after the first halted
 
 
 @pytest.mark.parametrize("output,verdict", [

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import introspection_experiment as ie
-from test_pipeline import SMALL_CONCEPTS, concepts_file
+from conftest import SMALL_CONCEPTS, concepts_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import scale_ladder  # noqa: E402

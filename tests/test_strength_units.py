@@ -6,7 +6,7 @@ import logging
 import pytest
 
 import introspection_experiment as ie
-from test_pipeline import SMALL_CONCEPTS, concepts_file
+from conftest import SMALL_CONCEPTS, concepts_file
 
 TINY = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "1",
         "--max-new-tokens", "2", "--control-trials", "2", "--random-vectors", "1", "--skip-safety"]

@@ -1,8 +1,9 @@
-"""The injection hook: exact positions, layer alignment, KV-cached decoding, batching, gradients, clean-up."""
+"""Prompts and the injection hook: exactly alpha * v at the intended positions of hidden_states[L], in every mode."""
 import pytest
 import torch
 
 import introspection_experiment as ie
+
 
 LAYER = 2
 
@@ -149,3 +150,27 @@ def test_batch_mismatch_is_an_error(tiny, tok):
     with pytest.raises(RuntimeError, match="rows"):
         with ie.injection(tiny, LAYER, torch.randn(1, tiny.config.hidden_size), torch.tensor([1.0]), torch.tensor([1])):
             tiny(input_ids=ids, attention_mask=mask)
+
+
+def test_hook_follows_the_layer_device():
+    """With device_map="auto" a layer may live on another device than the inputs: the edit is built there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    seen = []
+    with ie.injection(model, 1, torch.ones(1, 16), torch.tensor([2.0]), torch.tensor([2])):
+        hook = next(iter(ie.decoder_layers(model)[1]._forward_pre_hooks.values()))
+        hidden = torch.zeros(1, 3, 16, device="meta")  # stands in for a second device
+        args, _ = hook(None, (hidden,), {})
+        seen.append(args[0].device)
+    assert seen == [torch.device("meta")]
+
+
+def test_prompt_tokens_are_a_prefix_of_training_sequence(tok):
+    for fmt in ("paper", "chat"):
+        prompt = ie.format_prompt(ie.DETECTION_QUESTIONS[0], tok, fmt)
+        ids = ie.encode(prompt, tok, fmt)
+        full = tok(prompt + ie.POSITIVE_COMPLETION.format(concept="fire").lstrip(" " if fmt == "chat" else ""),
+                   add_special_tokens=fmt == "paper").input_ids
+        assert full[:len(ids)] == ids
+        assert ie.completion_ids(ie.NEGATIVE_COMPLETION, tok, fmt)[-1] == tok.eos_token_id

@@ -1,0 +1,177 @@
+"""The CUDA fast path (the script's last section). On any machine: its functions equal transformers' (fused RMSNorm,
+rotary in the token layout), and its process-wide switches are undone when the run ends and touch only Llama models.
+On a GPU (marker `cuda`, skipped without CUDA: python -m pytest -m cuda tests/test_cuda_fast_path.py): graphed decoding
+gives transformers' tokens, and the graphed training step gives eager execution's losses and LoRA gradients."""
+import pytest
+import torch
+
+import introspection_experiment as ie
+from conftest import make_tiny
+
+QUESTIONS = ["Hi.", "Do you detect an injected thought? If so, what is it?", "Introspection check: Report any anomalies."]
+
+
+def test_fused_rms_norms_match_transformers(tok):
+    """The CUDA path's fused RMSNorm computes transformers' function: same logits and gradients (float32 here)."""
+    from conftest import make_tiny
+    ids = torch.randint(0, len(tok), (3, 9), generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (False, True):
+        model = make_tiny(tok, layers=2)
+        if fused:
+            assert ie.fuse_rms_norms(model) == 2 * 2 + 1  # two per block and the final norm
+            assert model.model.norm.forward.func is ie.fused_rms_norm
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), model.model.layers[1].input_layernorm.weight.grad,
+                        model.model.layers[0].self_attn.q_proj.weight.grad))
+    for ref, out in zip(*results):
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_rotary_in_token_layout_matches_transformers():
+    """The CUDA path's rotary embedding equals transformers' on [batch, heads, seq, dim] views, values and gradients."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 5, 3, 8, generator=gen) for _ in range(2)]  # projections: [batch, seq, heads, dim]
+    cos, sin = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    outs = []
+    for rotary in (apply_rotary_pos_emb, ie.rotary_in_token_layout):
+        q_proj, k_proj = (x.clone().requires_grad_() for x in data)
+        q, k = rotary(q_proj.transpose(1, 2), k_proj.transpose(1, 2), cos, sin)
+        (q.square().sum() + (k * q).sum()).backward()
+        outs.append((q, k, q_proj.grad, k_proj.grad))
+    for ref, out in zip(*outs):
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_fast_path_switches_are_undone_and_llama_only(tok, monkeypatch):
+    """Forced on (as on CUDA): the rotary function, the cuDNN attention switch and the fused norms are in place inside
+    the context and restored after it, also after an exception; a non-Llama model gets none of them; the CPU (or
+    --no-cuda-speedups) gets nothing at all."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.llama import modeling_llama
+    model, cfg = make_tiny(tok, layers=2), ie.Config(layer=1)
+    original, cudnn = modeling_llama.apply_rotary_pos_emb, torch.backends.cuda.cudnn_sdp_enabled()
+    with ie.cuda_fast_path(model, cfg) as info:  # the CPU: nothing
+        assert info == {} and modeling_llama.apply_rotary_pos_emb is original
+    monkeypatch.setattr(ie, "fast_path_on", lambda model, cfg: True)
+    with pytest.raises(RuntimeError, match="inside"):
+        with ie.cuda_fast_path(model, cfg) as info:
+            assert info["fused_rms_norms"] == 5 and model.model.norm.forward.func is ie.fused_rms_norm
+            assert modeling_llama.apply_rotary_pos_emb is ie.rotary_in_token_layout
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            raise RuntimeError("inside")
+    assert modeling_llama.apply_rotary_pos_emb is original and torch.backends.cuda.cudnn_sdp_enabled() == cudnn
+    assert "forward" not in model.model.norm.__dict__
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    with ie.cuda_fast_path(qwen, cfg) as info:
+        assert info == {"cuda_fast_path": True} and modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_no_cuda_speedups_is_a_flag_and_the_switch(tiny):
+    assert ie.config_from_args([]).cuda_speedups and not ie.config_from_args(["--no-cuda-speedups"]).cuda_speedups
+    assert not ie.fast_path_on(tiny, ie.Config())  # a CPU model never takes the fast path
+
+
+# --- on a GPU ------------------------------------------------------------------------------------------------------
+
+
+def cuda_tiny(tok):
+    return make_tiny(tok).cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ie.INJECTION_MODES)
+def test_graphed_decoding_equals_transformers_generate(tok, mode):
+    """StaticDecoder with its decode step replayed from a CUDA graph (inside the run's fast-path context) against
+    transformers' generate (--no-cuda-speedups): the same greedy tokens, with injection and left padding, for two
+    batches through one decoder (the second narrower and smaller: padded rows, graph replays on new inputs)."""
+    from transformers.models.llama import modeling_llama
+    model = cuda_tiny(tok)
+    on, off = (ie.Config(layer=2, max_new_tokens=12, injection_mode=mode, cuda_speedups=s) for s in (True, False))
+    batches = [QUESTIONS, QUESTIONS[1:]]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(len(b), model.config.hidden_size, generator=gen), torch.tensor([6.0, 0.0, 9.0][-len(b):]))
+              for b in batches]
+    expected = [ie.generate(model, tok, b, *vi, off) for b, vi in zip(batches, inputs)]
+    original = modeling_llama.apply_rotary_pos_emb
+    with ie.cuda_fast_path(model, on):
+        decoder = ie.StaticDecoder(model, tok, on, 3, 40 + on.max_new_tokens)
+        got = [ie.generate(model, tok, b, *vi, on, decoder=decoder) for b, vi in zip(batches, inputs)]
+        assert decoder.graph is not None  # the decode steps were replays
+    assert modeling_llama.apply_rotary_pos_emb is original
+    for e, g in zip(expected, got):
+        assert e.shape[0] == g.shape[0] and (e != tok.pad_token_id).any()
+        width = min(e.shape[1], g.shape[1])  # transformers stops at the longest row; padding after EOS either way
+        assert torch.equal(e[:, :width], g[:, :width])
+        assert (g[:, width:] == tok.pad_token_id).all() and (e[:, width:] == tok.pad_token_id).all()
+    assert not torch.equal(expected[0], ie.generate(model, tok, batches[0], inputs[0][0], torch.zeros(3), off))
+
+
+def lora_batches(tok, model, count):
+    """Fixed-shape training batches (as on the fast path) with different examples, on the GPU."""
+    questions = ie.DETECTION_QUESTIONS + ["Hi?"]
+    completions = [ie.POSITIVE_COMPLETION.format(concept="fire"), ie.NEGATIVE_COMPLETION, " Yes."]
+    rows = [{"question": questions[i % len(questions)], "completion": completions[i % 3],
+             "concept": "fire" if i % 3 == 0 else "", "strength": "1x" if i % 3 == 0 else ""} for i in range(4 * count)]
+    examples = ie.tokenize_examples(rows, tok, "paper")
+    width = max(len(e["prompt"]) + len(e["completion"]) for e in examples)
+    hidden = model.config.hidden_size
+    vectors = {"fire": torch.ones(hidden) / hidden ** 0.5}
+    return [{k: v.cuda() for k, v in ie.collate(examples[4 * i:4 * i + 3 + i % 2], vectors, 1.0, tok.pad_token_id,
+                                                 shape=(4, width)).items()} for i in range(count)]
+
+
+@pytest.mark.cuda
+def test_graphed_training_step_equals_eager_forward_backward(tok):
+    """GraphedStep (captured once, replayed) against eager forward_backward on the same LoRA model: the same loss and
+    the same LoRA gradients, for several replays with different batches (some with an all-padding row)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(cuda_tiny(tok), LoraConfig(r=4, lora_dropout=0.0, target_modules=ie.LORA_TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # B starts at zero: A's gradients would be zero
+    model.train()
+    cfg = ie.Config(layer=1)
+    autocast, scaler = torch.autocast("cuda", enabled=False), torch.amp.GradScaler("cuda", enabled=False)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    step = lambda batch: ie.forward_backward(model, batch, cfg, autocast, scaler)  # noqa: E731
+    batches = lora_batches(tok, model.get_base_model(), 4)
+    eager = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        loss = step(batch)
+        eager.append((loss.clone(), [p.grad.clone() for p in lora]))
+    graphed, on_graph = ie.graphed_or_eager(step, batches[0])
+    assert on_graph and isinstance(graphed, ie.GraphedStep)
+    for batch, (loss, grads) in zip(batches, eager):
+        model.zero_grad(set_to_none=False)  # the graph accumulates into these very tensors
+        replay = graphed(batch)
+        assert torch.allclose(replay, loss, rtol=1e-5, atol=1e-6), (replay, loss)
+        assert all(torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6) for p, g in zip(lora, grads))
+    assert len({round(float(loss), 5) for loss, _ in eager}) == len(eager)  # the batches differ
+
+
+@pytest.mark.cuda
+def test_fast_path_training_gives_the_eager_losses(tok):
+    """train_lora on the fast path (fixed-shape padding, CUDA graph, peft's input casting skipped) and with
+    --no-cuda-speedups: the same loss at every optimizer step, to float32 rounding."""
+    rows = [{"question": q, "completion": ie.POSITIVE_COMPLETION.format(concept=c), "concept": c, "strength": "1x"}
+            for q, c in zip(ie.DETECTION_QUESTIONS, ["fire", "ocean", "king", "storm", "fire"])]
+    rows += [{"question": q, "completion": ie.NEGATIVE_COMPLETION, "concept": "", "strength": ""}
+             for q in ie.DETECTION_QUESTIONS]
+    gen = torch.Generator().manual_seed(0)
+    vectors = {c: v / v.norm() for c, v in zip(["fire", "ocean", "king", "storm"], torch.randn(4, 64, generator=gen))}
+    losses = []
+    for speedups in (True, False):
+        cfg = ie.Config(layer=2, epochs=2, batch_size=3, lora_rank=4, lora_dropout=0.0, cuda_speedups=speedups)
+        model = cuda_tiny(tok)
+        with ie.cuda_fast_path(model, cfg):
+            _, log = ie.train_lora(model, tok, rows, vectors, 20.0, cfg)
+        losses.append([step["loss"] for step in log])
+    # autocast runs both in bf16 and the padded shapes take other kernels: equal to bf16 rounding, tighter at step 0
+    assert len(losses[0]) == 2 * 4 and losses[0][0] == pytest.approx(losses[1][0], rel=5e-3)
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
