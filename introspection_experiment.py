@@ -376,12 +376,12 @@ def undone_on_refusal(run_dir: Path | None):
         raise
 
 
-def check_model_available(model: str) -> None:
+def check_model_available(model: str | None) -> None:
     """The cheap part of resolving --model, before anything is created: an alias's packages are installed (else the
-    pip command), a .gguf path exists."""
+    pip command), a .gguf path exists (None: the default, decided by resolve_config)."""
     if model in MODEL_ALIASES:
         alias_chunks(model, MODEL_ALIASES[model])
-    elif model.endswith(".gguf") and not Path(model).expanduser().is_file():
+    elif model is not None and model.endswith(".gguf") and not Path(model).expanduser().is_file():
         raise ConfigError(f"no such GGUF file: {model}")
 
 
