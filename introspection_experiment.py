@@ -1878,7 +1878,7 @@ def results_table(metrics: dict) -> str:
         ["model", f"{'sampled ' * matched}control false positives", "distinct control responses",
          f"net success {'vs sampled controls: ' * matched}seen / held-out",
          "'yes' to always-no questions: no injection / injected", "neither yes nor no: no injection / injected",
-         "seen − held-out success (Yates χ², p)"], controls)) + ("\n".join(matched_table(metrics)) + "\n") * matched
+         "seen − held-out success (Yates χ², p)"], controls)) + ("\n".join(matched_table(metrics)) + "\n" if matched else "")
 
 
 def net_pair(net: dict) -> str:
