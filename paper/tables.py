@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from introspection_experiment import (  # noqa: E402
-    SAFETY_CATEGORIES, ConfigError, atomic_path, cli, parse_strength, pct, rate, read_artifact, read_jsonl,
+    SAFETY_CATEGORIES, ConfigError, atomic_path, cli, model_label, parse_strength, pct, rate, read_artifact, read_jsonl,
     require_complete, select)
 
 log = logging.getLogger("paper")
@@ -149,7 +149,7 @@ def tex_table(name: str, caption: str, columns: str, header: list[str], rows: li
 
 
 def run_label(metrics: dict) -> str:
-    return tex(metrics["model"]["name"]) + (" (RANDOM WEIGHTS)" if metrics["model"]["random_weights"] else "")
+    return tex(model_label(metrics["model"])) + (" (RANDOM WEIGHTS)" if metrics["model"]["random_weights"] else "")
 
 
 def pool(rates: list[dict]) -> dict:
@@ -363,7 +363,7 @@ def table_performance(metrics: dict, benchmarks: list[dict]) -> str:
               *[f"{b['train']['tokens_per_s']:.0f} ({100 * b['train']['mfu']:.1f}\\%)" if "train" in b else NONE
                 for b in benches], NONE]]
     m = metrics["model"]
-    heads = [tex_stack([tex(m["name"]), tex(m["device"].upper())] + ["RANDOM WEIGHTS"] * m["random_weights"])]
+    heads = [tex_stack([tex(model_label(m)), tex(m["device"].upper())] + ["RANDOM WEIGHTS"] * m["random_weights"])]
     heads += [tex_stack([tex(b["device"].replace("NVIDIA ", "")), "4-bit NF4" if b["load_in_4bit"] else tex(b["dtype"])]
                         + ["RANDOM WEIGHTS"] * b["random_weights"]) for b in benchmarks]
     models = ", ".join(sorted({tex(b["model"]) + (" (RANDOM WEIGHTS: timings only, no results)" if b["random_weights"]

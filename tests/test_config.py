@@ -114,11 +114,11 @@ def test_config_is_resolved_once_before_anything_runs(caplog):
     resolved config: leaving a default out or writing it in gives the same run."""
     given = ie.Config(model="random:tiny", eval_strengths=["1x"])
     resolved = ie.resolve_config(given)
-    assert (resolved.layer, resolved.train_strengths, resolved.eval_strengths) == (2, ie.PAPER_STRENGTHS, ["1x"])
+    assert (resolved.layer, resolved.train_strengths, resolved.eval_strengths) == (2, ie.NORM_STRENGTHS, ["1x"])
     assert ie.resolve_config(resolved) == resolved
-    explicit = ie.Config(model="random:tiny", layer=2, train_strengths=ie.PAPER_STRENGTHS, eval_strengths=["1x"])
+    explicit = ie.Config(model="random:tiny", layer=2, train_strengths=ie.NORM_STRENGTHS, eval_strengths=["1x"])
     assert ie.config_hash(ie.resolve_config(explicit)) == ie.config_hash(resolved) != ie.config_hash(given)
-    assert ie.resolve_config(ie.Config(model=ie.EMBEDDED_MODEL)).train_strengths == ie.DEFAULT_STRENGTHS[ie.EMBEDDED_MODEL]
+    assert ie.resolve_config(ie.Config(model=ie.EMBEDDED_MODEL)).train_strengths == ie.NORM_STRENGTHS
 
 
 def test_run_writes_the_resolved_config(tmp_path, caplog):

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Scale ladder: the default pipeline and the key protocols on every real model the project can install, against
+model size. One command, resumable (each point is one `introspection_experiment.run` in its own run directory under
+--runs; a finished point is read back without loading its model; one model is in memory at a time):
+
+    python studies/scale_ladder.py                                    # all four aliases, both protocols
+    python studies/scale_ladder.py --models smollm2-135m gemma3-270m  # a subset
+
+Protocols: `paper` (the paper's prompt-end vectors, norm-multiple strengths: the default pipeline) and
+`word-random` (vectors read at the concept word's token, half the negatives carrying a norm-matched random
+direction). Base models without a chat template run in the paper prompt format like every model here. Any other flag
+goes to the pipeline (introspection_experiment.py --help), e.g. `--skip-safety` is always set here. Outputs go to
+--figures: scale_ladder.{png,json,md}: held-out identification, random-vector detection, matched false positive and
+perplexity change of the fine-tuned model against the number of weights in matrix products, with Wilson 95% CIs.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import introspection_experiment as ie  # noqa: E402
+from generalization_study import Study  # noqa: E402
+
+log = logging.getLogger("ladder")
+MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+PROTOCOLS = {"paper": dict(vector_token="prompt-end", random_negatives=0.0),
+             "word-random": dict(vector_token="word", random_negatives=0.5)}
+RATES = [("held-out identification", ("held-out", "all", "success")),
+         ("random-vector 'detection'", ("random", "all", "detection")),
+         ("matched false positive", ("matched_control", "false_positive"))]
+
+
+def point(metrics: dict, model: str, protocol: str) -> dict:
+    """The ladder's numbers of one finished run: rates of the fine-tuned model and the perplexity change."""
+    result = metrics["results"]["finetuned"]
+
+    def dig(keys):
+        value = result
+        for key in keys:
+            value = value[key]
+        return value
+
+    return {"model": model, "protocol": protocol, "label": ie.model_label(metrics["model"]),
+            "matmul_weights": metrics["model"]["matmul_weights"], "random_weights": metrics["model"]["random_weights"],
+            **{name: dig(keys) for name, keys in RATES},
+            "perplexity change": metrics["capability"]["perplexity_change"],
+            "wall_s": round(sum(v for k, v in metrics["timings_s"].items() if not k.endswith("_peak_gib")), 1)}
+
+
+def ladder(args, pipeline_args: list[str]) -> dict:
+    """Every (model, protocol) point, run or read back; one model loaded at a time."""
+    points = []
+    for model in args.models:
+        study = Study(args, ["--model", model, "--skip-safety", *pipeline_args])
+        for protocol in args.protocols:
+            log.info("Ladder point %s / %s", model, protocol)
+            metrics = study.run(f"{ie.model_slug(model)}/{protocol}", **PROTOCOLS[protocol])
+            points.append(point(metrics, model, protocol))
+        del study  # the model's memory goes before the next one loads
+    return {"points": points, "protocols": {p: PROTOCOLS[p] for p in args.protocols},
+            "pipeline_args": pipeline_args, "command": "python studies/scale_ladder.py " + " ".join(sys.argv[1:])}
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per point."""
+    names = [name for name, _ in RATES]
+    lines = ["| model | protocol | weights (matmul) | " + " | ".join(names) + " | perplexity change | wall time |",
+             "|---|---|---|" + "---|" * (len(names) + 2)]
+    for p in result["points"]:
+        lines.append(f"| {p['label']}{' (RANDOM WEIGHTS)' * p['random_weights']} | {p['protocol']} | "
+                     f"{p['matmul_weights'] / 1e6:.0f}M | " + " | ".join(ie.pct(p[n]) for n in names)
+                     + f" | {100 * p['perplexity change']:+.0f}% | {p['wall_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [name for name, _ in RATES]
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 3.6))
+    for protocol in result["protocols"]:
+        pts = sorted((p for p in result["points"] if p["protocol"] == protocol), key=lambda p: p["matmul_weights"])
+        xs = [p["matmul_weights"] for p in pts]
+        for ax, name in zip(axes, names):
+            rates = [p[name] for p in pts]
+            ax.errorbar(xs, [r["rate"] for r in rates], yerr=ie.ci_err(rates), marker="o", capsize=3, label=protocol)
+        axes[-1].plot(xs, [100 * p["perplexity change"] for p in pts], marker="o", label=protocol)
+    for ax, name in zip(axes, names + ["perplexity change (%)"]):
+        ax.set_xscale("log")
+        ax.set_xlabel("weights in matrix products")
+        ax.set_title(name, fontsize=10)
+    for ax in axes[:-1]:
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("rate (fine-tuned, all strengths; 95% Wilson CI)")
+    axes[-1].legend(fontsize=8)
+    labels = ", ".join(dict.fromkeys(p["label"] + " (RANDOM WEIGHTS)" * p["random_weights"] for p in result["points"]))
+    fig.suptitle(f"Scale ladder — {labels}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS, help="aliases (or any --model value)")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--runs", default="runs/ladder", help="parent folder of the points' run directories")
+    parser.add_argument("--figures", default="figures", help="where scale_ladder.{png,json,md} go")
+    return parser
+
+
+def main(argv=None) -> int:
+    ie.setup_logging()
+    args, pipeline_args = build_parser().parse_known_args(argv)
+    try:
+        for model in args.models:  # a missing package stops the ladder before any point runs
+            ie.check_model_available(model)
+        result = ladder(args, pipeline_args)
+    except ie.ConfigError as e:
+        log.error("%s", e)
+        return 2
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    ie.write_json(figures / "scale_ladder.json", result)
+    (figures / "scale_ladder.md").write_text(table(result))
+    plot(result, figures / "scale_ladder.png")
+    log.info("Scale ladder:\n%s", table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
