@@ -179,6 +179,12 @@ TRAINING_SETTINGS = ["lora_rank", "lora_alpha", "lora_dropout", "lr", "epochs", 
                      "positives_per_concept", "load_in_4bit"]  # recorded in metrics.json
 
 
+RECIPES = {  # defaults of the language-modelling options, by --recipe (the trade-off study's chosen point)
+    "assistant": {"replay": 0.5, "kl_weight": 4.0, "continue_examples": 0.25},
+    "paper": {"replay": 0.0, "kl_weight": 0.0, "continue_examples": 0.0},
+}
+
+
 class ConfigError(Exception):
     """Bad input: reported as one line and a non-zero exit, never a traceback."""
 
@@ -286,18 +292,26 @@ class Config:
         "(CUDA only; a 7B model fits a 16 GB T4)")})
     tokenizer: str | None = field(default=None, metadata={"help": (
         "tokenizer of a random:SHAPE model (a folder or hub id); default: the embedded model's")})
-    replay: float = field(default=0.0, metadata={"help": (
+    recipe: str = field(default="assistant", metadata={"choices": list(RECIPES), "help": (
+        "the defaults of --replay, --kl-weight and --continue-examples: assistant = "
+        + ", ".join(f"{k} {v:g}" for k, v in RECIPES["assistant"].items())
+        + " (introspection training that keeps the assistant); paper = all 0 (the paper's recipe: report loss only)")})
+    replay: float | None = field(default=None, metadata={"help": (
         f"self-distillation replay: RATIO x (introspection dataset size) prompts of the training split of "
         f"{ORDINARY_PROMPTS_FILE.name}, answered once by the base model itself (greedy, no injection; cached in the run "
-        "directory), mixed into training with the loss on the answer tokens (+EOS where the base answer ended)")})
+        "directory), mixed into training with the loss on the answer tokens (+EOS where the base answer ended); "
+        "default by --recipe")})
     replay_tokens: int = field(default=48, metadata={"help": "greedy tokens per base-model answer used for replay and --continue-examples"})
-    kl_weight: float = field(default=0.0, metadata={"help": (
-        "lambda: adds lambda x KL(base || adapter) of the next-token distributions on the replay answers and the "
-        "negatives' completions to the report loss; the base is the same model with the adapter disabled")})
-    continue_examples: float = field(default=0.0, metadata={"help": (
+    kl_weight: float | None = field(default=None, metadata={"help": (
+        "lambda: adds lambda x KL(base || adapter) of the next-token distributions on the answers of ordinary prompts "
+        "without injection (replay, report-then-continue) to the report loss; the base is the same model with the "
+        "adapter disabled; default by --recipe")})
+    kl_negatives: bool = field(default=False, metadata={"help": (
+        "also put the negatives' completions (' I do not detect any injected thoughts.') under the KL term")})
+    continue_examples: float | None = field(default=None, metadata={"help": (
         "report-then-continue: RATIO x (introspection dataset size) examples on training-split ordinary prompts, half "
         "with a training concept injected (target: the report sentence, then the base model's own answer), half without "
-        "(the base answer alone); also evaluates report-then-continue on the held-out prompts")})
+        "(the base answer alone); also evaluates report-then-continue on the held-out prompts; default by --recipe")})
     cuda_speedups: bool = field(default=True, metadata={"flag": "--no-cuda-speedups", "help": (
         "turn off the CUDA fast path (fused RMSNorm, rotary in the token layout, no cuDNN attention, CUDA graphs for "
         "decoding and training; see the last section of the script): CUDA then runs the CPU's code path")})
@@ -324,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs["type"] = int
         elif f.type in ("int", "int | None"):
             kwargs["type"] = int
-        elif f.type == "float":
+        elif f.type in ("float", "float | None"):
             kwargs["type"] = float
         parser.add_argument(flag(f), **kwargs)
     return parser
@@ -452,7 +466,9 @@ def resolve_config(cfg: Config) -> Config:
     """The config a run actually uses, decided before anything runs (and hashed, and written to config.json): the
     model (the embedded one when none was chosen and there is no CUDA), the layer (default floor(2*num_layers/3) of
     the model's depth, read from its config without loading weights; checked against it), the train strengths (by
-    model) and the eval strengths (default: the train strengths). Validates first; idempotent."""
+    model), the eval strengths (default: the train strengths) and the language-modelling options (by --recipe).
+    Validates first; idempotent."""
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None})
     validate_config(cfg)
     model = cfg.model
     if model is None:
@@ -1639,22 +1655,25 @@ def build_dataset(train_concepts: list[str], strengths: list[str], positives_per
 def validate_language_modelling(cfg: Config) -> None:
     """Checks of --replay, --replay-tokens, --kl-weight, --continue-examples and of the shipped prompt files."""
     for name in ("replay", "continue_examples", "kl_weight"):
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+        value = getattr(cfg, name)  # None: not given, decided by --recipe in resolve_config
+        if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0")
     if cfg.replay_tokens < 1:
         raise ConfigError("--replay-tokens must be >= 1")
     ordinary_prompts()  # readable, with disjoint splits (reads the exact answers too)
 
 
-def kl_applies(row: dict) -> bool:
-    """Rows under the KL term: the negatives (their completions) and ordinary prompts without injection (the answer)."""
-    return row["completion"] == NEGATIVE_COMPLETION or (row.get("kind") in ("replay", "continue") and not row["injected"])
+def kl_applies(row: dict, negatives: bool = False) -> bool:
+    """Rows under the KL term: ordinary prompts without injection (the answer) and, with `negatives`, the negatives
+    (their completions)."""
+    return (negatives and row["completion"] == NEGATIVE_COMPLETION) or (
+        row.get("kind") in ("replay", "continue") and not row["injected"])
 
 
 def prompts_to_answer(cfg: Config, dataset_size: int, train_prompts: list[str]) -> list[str]:
     """The training-split prompts the base model answers once: as many as replay or report-then-continue uses (both
     cycle through them when they need more), in a seeded order."""
-    needed = max(round(cfg.replay * dataset_size), round(cfg.continue_examples * dataset_size))
+    needed = max(round((cfg.replay or 0) * dataset_size), round((cfg.continue_examples or 0) * dataset_size))
     return random.Random(cfg.seed).sample(train_prompts, len(train_prompts))[:needed]
 
 
@@ -1722,8 +1741,8 @@ def ordinary_training_rows(model, tok, cfg: Config, dataset_size: int, train_con
     with nullcontext() if resumed else store.timer.stage("replay_answers"):
         answers = list(load_or_build_dataset(path, lambda: answer_training_prompts(model, tok, prompts, cfg),
                                              store.manifest))
-    rows = (replay_rows(answers, round(cfg.replay * dataset_size))
-            + continue_rows(answers, round(cfg.continue_examples * dataset_size), train_concepts, strengths, tok, cfg))
+    rows = (replay_rows(answers, round((cfg.replay or 0) * dataset_size))
+            + continue_rows(answers, round((cfg.continue_examples or 0) * dataset_size), train_concepts, strengths, tok, cfg))
     log.info("Ordinary prompts in training: %d replay and %d report-then-continue rows on %d base answers (%s)",
              sum(r["kind"] == "replay" for r in rows), sum(r["kind"] == "continue" for r in rows), len(answers),
              f"loaded from {path}" if resumed else "generated")
@@ -2096,13 +2115,13 @@ def summarize(trials: list[dict], strengths: list[str]) -> dict:
 # Stage 6: LoRA training (paper §3.4.3)
 
 
-def tokenize_examples(dataset, tok, prompt_format: str) -> list[dict]:
+def tokenize_examples(dataset, tok, prompt_format: str, kl_negatives: bool = False) -> list[dict]:
     examples = []
     for row in dataset:
         prompt = question_ids(row["question"], tok, prompt_format)
         completion = row.get("target_ids") or completion_ids(row["completion"], tok, prompt_format)
         examples.append({"prompt": prompt, "completion": completion, "concept": row["concept"],
-                         "strength": row["strength"], "kl": kl_applies(row)})
+                         "strength": row["strength"], "kl": kl_applies(row, kl_negatives)})
     return examples
 
 
@@ -2153,7 +2172,7 @@ def forward_backward(model, batch: dict, cfg: Config, autocast, scaler) -> torch
     cross-entropy, plus kl_weight x `kl_to_base`, whose no-grad base pass is part of the step and of its CUDA graph)."""
     with injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode), autocast:
         out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
-        loss = out.loss if cfg.kl_weight == 0 else out.loss + cfg.kl_weight * kl_to_base(model, batch, out.logits)
+        loss = out.loss if not cfg.kl_weight else out.loss + cfg.kl_weight * kl_to_base(model, batch, out.logits)
     scaler.scale(loss / cfg.grad_accum).backward()
     return loss.detach()
 
@@ -2192,7 +2211,7 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)
     optimizer = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], cfg.lr, device,
                                getattr(model, "is_loaded_in_4bit", False))
-    examples = tokenize_examples(dataset, tok, cfg.prompt_format)
+    examples = tokenize_examples(dataset, tok, cfg.prompt_format, cfg.kl_negatives)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     fast = fast_path_on(model, cfg)
     shape = (cfg.batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in examples)) if fast else None
@@ -3082,8 +3101,10 @@ def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]]
                          "training": {k: getattr(cfg, k) for k in TRAINING_SETTINGS},
                          "eval_question": DETECTION_QUESTIONS[0], "control_temperature": cfg.control_temperature,
                          "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-                         "language_modelling": {"replay": cfg.replay, "replay_tokens": cfg.replay_tokens,
-                                                "kl_weight": cfg.kl_weight, "continue_examples": cfg.continue_examples,
+                         "language_modelling": {"recipe": cfg.recipe, "replay": cfg.replay,
+                                                "replay_tokens": cfg.replay_tokens, "kl_weight": cfg.kl_weight,
+                                                "kl_negatives": cfg.kl_negatives,
+                                                "continue_examples": cfg.continue_examples,
                                                 "replay_rows": sum(r["kind"] == "replay" for r in ordinary_rows),
                                                 "continue_rows": sum(r["kind"] == "continue" for r in ordinary_rows)}},
             "concepts": {k: concepts[k] for k in ("train", "heldout")},

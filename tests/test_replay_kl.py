@@ -22,14 +22,16 @@ def fresh_lora(model, dropout=0.0):
 
 
 def negative_and_replay_batch(tok):
-    """A collated batch: one injected positive (no KL), one negative and one replay row (KL on their completions)."""
+    """A collated batch: one injected positive (no KL), one negative and one replay row (KL on their completions, the
+    negative's with --kl-negatives)."""
     rows = [{"question": ie.DETECTION_QUESTIONS[0], "concept": "fire", "strength": "40",
              "completion": ie.POSITIVE_COMPLETION.format(concept="fire"), "injected": True},
             {"question": ie.DETECTION_QUESTIONS[1], "concept": "", "strength": "", "completion": ie.NEGATIVE_COMPLETION,
              "injected": False},
             ie.ordinary_row({"question": PROMPTS[0], "answer": "Boil it.", "answer_ids": [5, 6, 7, tok.eos_token_id]},
                             "replay")]
-    examples = ie.tokenize_examples(rows, tok, "paper")
+    assert [e["kl"] for e in ie.tokenize_examples(rows, tok, "paper")] == [False, False, True]  # the default
+    examples = ie.tokenize_examples(rows, tok, "paper", kl_negatives=True)
     assert [e["kl"] for e in examples] == [False, True, True]
     vectors = {"fire": torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)}
     return ie.collate(examples, vectors, 1.0, tok.pad_token_id), examples
@@ -143,7 +145,7 @@ def test_replay_targets_are_the_base_models_own_greedy_answers(tok):
     rows = ie.replay_rows(answers, 7)  # more rows than answers: they cycle
     assert [r["question"] for r in rows] == PROMPTS + PROMPTS[:2]
     data = ie.training_set(ie.build_dataset(["fire"], ["40"], 2, seed=0), rows)
-    examples = ie.tokenize_examples(data, tok, "paper")
+    examples = ie.tokenize_examples(data, tok, "paper", kl_negatives=True)
     replay = [e for e, kind in zip(examples, data["kind"]) if kind == "replay"]
     assert [e["completion"] for e in replay] == [a["answer_ids"] for a in answers] + [a["answer_ids"] for a in answers[:2]]
     assert all(e["kl"] and not e["concept"] for e in replay)
@@ -171,7 +173,7 @@ def test_replay_answers_are_generated_once_and_reused_on_resume(tok, tmp_path, m
     again = ie.ordinary_training_rows(model, tok, cfg, 8, ["fire"], ["40"], resumed)
     assert again == first and len(calls) == -(-min(8, n_train) // CFG.eval_batch_size)  # loaded, not regenerated
     assert "replay_answers" not in resumed.timer.times
-    assert ie.ordinary_training_rows(model, tok, ie.Config(), 8, ["fire"], ["40"], store) == []
+    assert ie.ordinary_training_rows(model, tok, ie.Config(recipe="paper"), 8, ["fire"], ["40"], store) == []
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -210,3 +212,14 @@ def test_pipeline_with_replay_kl_and_continue_records_everything_and_resumes(tmp
     assert code == 0 and calls == [] and "loaded from" in text and "Trained" not in text
     assert (out / "replay_answers" / "dataset_info.json").stat().st_mtime == stamp
     assert json.loads((out / "metrics.json").read_text())["capability"] == metrics["capability"]
+
+
+def test_recipe_decides_the_unset_language_modelling_options():
+    assistant = ie.resolve_config(ie.Config(model="random:tiny"))
+    assert {k: getattr(assistant, k) for k in ie.RECIPES["assistant"]} == ie.RECIPES["assistant"]
+    paper = ie.resolve_config(ie.Config(model="random:tiny", recipe="paper"))
+    assert (paper.replay, paper.kl_weight, paper.continue_examples) == (0, 0, 0)
+    given = ie.resolve_config(ie.Config(model="random:tiny", recipe="paper", kl_weight=2.0))
+    assert (given.replay, given.kl_weight) == (0, 2.0)  # a given value wins over the recipe
+    assert ie.resolve_config(given) == given  # idempotent
+    assert ie.config_hash(assistant) != ie.config_hash(paper)

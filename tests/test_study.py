@@ -10,6 +10,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "studies"))
 import generalization_study as study  # noqa: E402
+import tradeoff_study as tradeoff  # noqa: E402
 
 
 TINY = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "1",
@@ -80,3 +81,46 @@ def test_a_shared_model_gives_the_same_results_as_a_fresh_one(tmp_path, concepts
     ie.run(fresh)
     assert ie.read_jsonl(tmp_path / "second" / "trials.jsonl") == ie.read_jsonl(tmp_path / "fresh" / "trials.jsonl")
     assert not any("lora" in name for name, _ in loaded[0].named_modules())
+
+
+def test_tradeoff_points_table_figure_and_resume(tmp_path, concepts, monkeypatch):
+    args = ["--protocols", "paper", "--points", "0:0:0", "1:1:0.5:neg", "--runs", str(tmp_path / "runs"),
+            "--figures", str(tmp_path / "fig"), *TINY, "--concepts-file", concepts]
+    assert tradeoff.main(args) == 0
+    result = json.loads((tmp_path / "fig" / "tradeoff_study.json").read_text())
+    assert [(p["replay"], p["kl_weight"], p["continue_examples"], p["kl_negatives"]) for p in result["points"]] == [
+        (0, 0, 0, False), (1, 1, 0.5, True)]
+    assert "RANDOM WEIGHTS" in result["model"] and (tmp_path / "fig" / "tradeoff_study.png").exists()
+    trained = json.loads((tmp_path / "runs" / "tradeoff" / "paper-1_1_0.5_neg" / "metrics.json").read_text())
+    lm = trained["settings"]["language_modelling"]
+    assert (lm["replay"], lm["kl_weight"], lm["continue_examples"], lm["kl_negatives"]) == (1, 1, 0.5, True)
+    assert result["points"][0]["continue: seen report"] is None  # no report-then-continue trained at 0:0:0
+    assert result["points"][1]["continue: seen report"]["n"] > 0
+    assert result["points"][1]["perplexity change"] == trained["capability"]["perplexity_change"]
+    table = (tmp_path / "fig" / "tradeoff_study.md").read_text()
+    assert table.count("| prompt-end vectors |") == 2 and "1 (+neg.)" in table
+
+    def no_loading(cfg):
+        raise AssertionError("a finished point must not load the model")
+
+    monkeypatch.setattr(ie, "load_model", no_loading)
+    assert tradeoff.main(args) == 0  # every point finished: read back
+    assert json.loads((tmp_path / "fig" / "tradeoff_study.json").read_text())["points"] == result["points"]
+
+
+def test_tradeoff_point_specs_and_goal_bounds():
+    assert tradeoff.parse_point("1:4:0.5") == {"replay": 1, "kl_weight": 4, "continue_examples": 0.5,
+                                               "kl_negatives": False}
+    assert tradeoff.parse_point("0:1:0:neg")["kl_negatives"]
+    for bad in ("1:4", "1:x:0", "1:4:0:pos", "1:4:0:neg:1"):
+        with pytest.raises(ie.ConfigError, match="bad point"):
+            tradeoff.parse_point(bad)
+    rate = lambda x: {"rate": x}  # noqa: E731
+    point = {"perplexity change": 0.05, "agreement with base": rate(0.75), "KL (nats/token)": 0.05,
+             "exact-answer change": -0.03, "template leak": rate(0.01), "seen success": rate(0.9),
+             "control false positives": rate(0.0)}
+    assert tradeoff.goals_met(point) == list(tradeoff.GOAL)  # every bound is inclusive
+    worse = {**point, "perplexity change": 0.051, "agreement with base": rate(0.74), "KL (nats/token)": None,
+             "control false positives": rate(1 / 60)}
+    assert set(tradeoff.goals_met(point)) - set(tradeoff.goals_met(worse)) == {
+        "perplexity change", "agreement with base", "KL (nats/token)", "control false positives"}
