@@ -27,7 +27,7 @@ from generalization_study import Study, protocol_name  # noqa: E402
 log = logging.getLogger("study")
 PROTOCOLS = {"paper": {}, "word-random-negatives": {"vector_token": "word", "random_negatives": 0.5}}
 RECIPE_POINT = "{replay:g}:{kl_weight:g}:{continue_examples:g}".format(**ie.RECIPES["assistant"])  # the default
-DEFAULT_POINTS = {"paper": ["0:0:0", "1:0:0", "1:1:0", "1:4:0", "1:4:0:neg", "1:16:0", "1:4:0.5", RECIPE_POINT],
+DEFAULT_POINTS = {"paper": ["0:0:0", "1:0:0", "1:4:0", "1:4:0:neg", "1:16:0", "1:4:0.5", RECIPE_POINT],
                   "word-random-negatives": ["0:0:0", RECIPE_POINT]}
 DETECTION = [("seen", "success", "seen success"), ("held-out", "success", "held-out success"),
              ("random", "detection", "random-vector 'detection'"), ("control", "false_positive", "control false positives")]
