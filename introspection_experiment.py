@@ -180,7 +180,7 @@ TRAINING_SETTINGS = ["lora_rank", "lora_alpha", "lora_dropout", "lr", "epochs", 
 
 
 RECIPES = {  # defaults of the language-modelling options, by --recipe (the trade-off study's chosen point)
-    "assistant": {"replay": 0.5, "kl_weight": 4.0, "continue_examples": 0.25},
+    "assistant": {"replay": 1.0, "kl_weight": 4.0, "continue_examples": 0.0},
     "paper": {"replay": 0.0, "kl_weight": 0.0, "continue_examples": 0.0},
 }
 

@@ -27,8 +27,8 @@ from generalization_study import Study, protocol_name  # noqa: E402
 log = logging.getLogger("study")
 PROTOCOLS = {"paper": {}, "word-random-negatives": {"vector_token": "word", "random_negatives": 0.5}}
 RECIPE_POINT = "{replay:g}:{kl_weight:g}:{continue_examples:g}".format(**ie.RECIPES["assistant"])  # the default
-DEFAULT_POINTS = {"paper": ["0:0:0", "1:0:0", "1:4:0", "1:4:0:neg", "1:16:0", "1:4:0.5", RECIPE_POINT],
-                  "word-random-negatives": ["0:0:0", RECIPE_POINT]}
+DEFAULT_POINTS = {"paper": ["0:0:0", "1:0:0", "1:4:0", "1:4:0:neg", "1:16:0", "1:4:0.5", "0.5:4:0.25"],
+                  "word-random-negatives": ["0:0:0", "0.5:4:0.25"]}  # RECIPE_POINT is 1:4:0, the paper protocol's third
 DETECTION = [("seen", "success", "seen success"), ("held-out", "success", "held-out success"),
              ("random", "detection", "random-vector 'detection'"), ("control", "false_positive", "control false positives")]
 CONTINUE = [("seen", "report", "continue: seen report"), ("seen", "correct_id", "continue: seen ID"),
