@@ -1259,10 +1259,18 @@ def resolve_model_source(model: str) -> ModelSource:
 
 
 def load_embedded_tokenizer():
-    """The embedded model's tokenizer (also the default tokenizer of random:SHAPE models)."""
+    """The embedded model's tokenizer (also the default tokenizer of random:SHAPE models), padding with EOS."""
     from transformers import AutoTokenizer
     path = alias_gguf(EMBEDDED_MODEL)
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return with_padding(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+
+
+def with_padding(tok):
+    """`tok` with a pad token: EOS where it has none (DeepSeek; SmolLM2's GGUF tokenizer under some transformers
+    versions, e.g. 5.17)."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def check_prompt_format(tok, prompt_format: str) -> None:
@@ -1333,9 +1341,7 @@ def load_model(cfg: Config):
     if cfg.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
         quantize_linear_layers_4bit(model, dtype)
     model.eval()
-    if tok.pad_token is None:  # e.g. DeepSeek; SmolLM2 already pads with EOS
-        tok.pad_token = tok.eos_token
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = with_padding(tok).pad_token_id
     info["num_layers"] = num_layers(model)
     info["hidden_size"] = text_config(model).hidden_size
     info["matmul_weights"] = matmul_weights(model)

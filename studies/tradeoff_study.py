@@ -26,9 +26,8 @@ from generalization_study import Study, protocol_name  # noqa: E402
 
 log = logging.getLogger("study")
 PROTOCOLS = {"paper": {}, "word-random-negatives": {"vector_token": "word", "random_negatives": 0.5}}
-RECIPE_POINT = "{replay:g}:{kl_weight:g}:{continue_examples:g}".format(**ie.RECIPES["assistant"])  # the default
 DEFAULT_POINTS = {"paper": ["0:0:0", "1:0:0", "1:4:0", "1:4:0:neg", "1:16:0", "1:4:0.5", "0.5:4:0.25"],
-                  "word-random-negatives": ["0:0:0", "0.5:4:0.25"]}  # RECIPE_POINT is 1:4:0, the paper protocol's third
+                  "word-random-negatives": ["0:0:0", "0.5:4:0.25"]}
 DETECTION = [("seen", "success", "seen success"), ("held-out", "success", "held-out success"),
              ("random", "detection", "random-vector 'detection'"), ("control", "false_positive", "control false positives")]
 CONTINUE = [("seen", "report", "continue: seen report"), ("seen", "correct_id", "continue: seen ID"),
@@ -114,7 +113,9 @@ def tradeoff_table(result: dict) -> str:
              f"{p['continue_examples']:g}", *(fmt(n, p[n]) for n in names),
              str(len(p["goals_met"])) + (" (all)" if len(p["goals_met"]) == len(GOAL) else "")]
             for p in result["points"]]
-    intro = (f"Model: {result['model']} on {', '.join(result['hardware'])}; seed {result['seed']}; fine-tuned model, "
+    recipe = ":".join(f"{v:g}" for v in ie.RECIPES["assistant"].values())
+    intro = (f"Model: {result['model']} on {', '.join(result['hardware'])}; seed {result['seed']}; the pipeline's default "
+             f"recipe (--recipe assistant) is the point {recipe}, the paper's (--recipe paper) 0:0:0; fine-tuned model, "
              "all strengths pooled (Wilson 95% CIs); capability on the held-out ordinary prompts, no injection. Goal: "
              + ", ".join(f"{n} {op} {b:g}" for n, (op, b) in GOAL.items()) + ".")
     return intro + "\n\n" + ie.markdown_table(header, rows)
