@@ -16,7 +16,7 @@ SMALL_CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volc
                   "baseline": ["table", "chair", "road", "cloud"]}
 TINY_ARGS = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "2",
              "--max-new-tokens", "4", "--control-trials", "4", "--random-vectors", "2", "--eval-strengths", "40", "1x",
-             "--safety-examples-per-class", "8"]
+             "--safety-examples-per-class", "8", "--recipe", "paper"]  # the plumbing; the default recipe has its own tests
 
 
 def pytest_addoption(parser):

@@ -20,7 +20,7 @@ CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volcano", 
             "baseline": ["table", "chair", "road", "cloud"]}
 TINY = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "2",
         "--max-new-tokens", "4", "--control-trials", "4", "--random-vectors", "2", "--eval-strengths", "40", "1x",
-        "--skip-safety"]
+        "--skip-safety", "--recipe", "paper"]
 
 
 def tiny_args(folder: Path, out: Path) -> list[str]:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import scale_ladder  # noqa: E402
 
 TINY = ["--dtype", "float32", "--epochs", "1", "--positives-per-concept", "1", "--max-new-tokens", "3",
-        "--control-trials", "2", "--random-vectors", "1"]
+        "--control-trials", "2", "--random-vectors", "1", "--recipe", "paper"]
 
 
 def test_a_missing_alias_package_stops_the_ladder_before_any_point(tmp_path, monkeypatch, caplog):

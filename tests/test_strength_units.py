@@ -9,7 +9,7 @@ import introspection_experiment as ie
 from conftest import SMALL_CONCEPTS, concepts_file
 
 TINY = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "1",
-        "--max-new-tokens", "2", "--control-trials", "2", "--random-vectors", "1", "--skip-safety"]
+        "--max-new-tokens", "2", "--control-trials", "2", "--random-vectors", "1", "--skip-safety", "--recipe", "paper"]
 
 
 def test_norm_multiples_are_the_default_except_for_the_paper_preset():

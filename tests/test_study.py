@@ -14,7 +14,7 @@ import tradeoff_study as tradeoff  # noqa: E402
 
 
 TINY = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "1",
-        "--control-trials", "2", "--random-vectors", "2", "--eval-strengths", "1x", "--max-new-tokens", "3"]
+        "--control-trials", "2", "--random-vectors", "2", "--eval-strengths", "1x", "--max-new-tokens", "3", "--recipe", "paper"]
 
 
 @pytest.fixture
