@@ -196,8 +196,8 @@ def test_pipeline_with_replay_kl_and_continue_records_everything_and_resumes(tmp
     metrics = json.loads((out / "metrics.json").read_text())
     size = metrics["settings"]["dataset_size"]
     assert metrics["settings"]["language_modelling"] == {
-        "replay": 1.0, "replay_tokens": 4, "kl_weight": 1.0, "continue_examples": 0.5, "replay_rows": size,
-        "continue_rows": size // 2}
+        "recipe": "paper", "replay": 1.0, "replay_tokens": 4, "kl_weight": 1.0, "kl_negatives": False,
+        "continue_examples": 0.5, "replay_rows": size, "continue_rows": size // 2}  # given values win over the recipe
     assert {"agreement", "answer_kl", "exact_answers", "template_leak"} <= set(metrics["capability"])
     assert set(metrics["continue"]) == set(ie.CONTINUE_SPLITS)
     assert "Report-then-continue" in (out / "results.md").read_text()
