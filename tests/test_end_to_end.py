@@ -23,8 +23,9 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     assert metrics["model"]["random_weights"] and "RANDOM WEIGHTS" in (out / "results.md").read_text()
     assert set(metrics["results"]) == {"base", "finetuned"}
     trials = ie.read_jsonl(out / "trials.jsonl")
-    per_state = 4 * 2 + 2 * 2 + 4 + 2 * 2 + 2 * 2 + len(ie.YES_NO_QUESTIONS) * 3  # seen, held-out, controls, random,
-    # negated held-out vectors, yes/no questions without and with injection at each of the 2 strengths
+    # seen, held-out, controls, the matched control, random, negated held-out vectors, yes/no questions without and
+    # with injection at each of the 2 strengths
+    per_state = 4 * 2 + 2 * 2 + 4 + 1 + 2 * 2 + 2 * 2 + len(ie.YES_NO_QUESTIONS) * 3
     assert sum(t["experiment"] == "introspection" for t in trials) == 2 * per_state
     n_safety = sum(map(len, ie.SAFETY_CATEGORIES.values())) * 2 * len(ie.SAFETY_EVAL_QUESTIONS) + 4
     assert sum(t["experiment"] == "safety" for t in trials) == 3 * n_safety  # base, probe, safety adapter
