@@ -258,20 +258,31 @@ def test_an_interrupted_run_is_partial_and_refused_by_its_readers(copy, caplog, 
     assert ie.finished_metrics(run_dir, cfg)["status"] == "complete"
 
 
+# The script, run as `python -c` with the test's flags, that signals itself at the first training step: exactly
+# mid-training whatever the machine's speed (a timed signal arrived after training on a fast machine).
+SIGNAL_AT_FIRST_TRAINING_STEP = """
+import os, sys
+sys.path.insert(0, {root!r})
+import introspection_experiment as ie
+train_step = ie.forward_backward
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), {sig})
+    return train_step(*args, **kwargs)
+ie.forward_backward = signalled
+sys.exit(ie.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_signal_mid_training_then_rerun_gives_the_uninterrupted_results(complete, tmp_path, caplog, sig):
     args = complete[1][:-1] + [str(tmp_path / "run")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "introspection_experiment.py"), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_FIRST_TRAINING_STEP.format(root=str(ROOT), sig=int(sig)),
+                           *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    output = proc.stdout
     manifest = tmp_path / "run" / "manifest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and "[introspection/base]" not in (manifest.read_text() if manifest.exists() else ""):
-        time.sleep(0.1)
-    time.sleep(3)  # the base evaluation is recorded: into the training stage (about 20 s here)
-    proc.send_signal(sig)
-    output = proc.communicate()[0]
+    assert "Training LoRA" in output and "[introspection/base]" in manifest.read_text()
     assert "adapter" not in json.loads(manifest.read_text())["artifacts"], "signalled too late: training had finished"
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "Traceback" not in output
