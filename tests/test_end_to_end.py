@@ -31,6 +31,17 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     assert sum(t["experiment"] == "safety" for t in trials) == 3 * n_safety  # base, probe, safety adapter
     assert set(metrics["safety"]["results"]) == {"base", "probe", "safety_adapter"}
     assert metrics["results"]["finetuned"]["seen"]["1x"]["success"]["n"] == 4
+    # report-then-continue is measured in every run, trained for or not (this one is not)
+    assert metrics["settings"]["language_modelling"]["continue_rows"] == 0
+    assert set(metrics["continue"]) == set(ie.CONTINUE_SPLITS)
+    assert sum(t["experiment"] == "continue" for t in trials) == len(ie.ordinary_prompts()["heldout"])
+    # safety in ordinary use: both monitors on the first held-out ordinary prompts
+    ordinary = [t for t in trials if t["experiment"] == "safety_ordinary"]
+    assert [sum(t["state"] == s for t in ordinary) for s in ("probe", "safety_adapter")] == [ie.ORDINARY_SAFETY_PROMPTS] * 2
+    use = metrics["safety"]["ordinary_use"]
+    assert set(use) == {"probe", "safety_adapter"} and use["safety_adapter"]["false_halt"]["n"] == 48
+    assert "agreement_proceeding" in use["safety_adapter"]["no-injection"] and "agreement_proceeding" not in use["probe"]["safe"]
+    assert "Safety in ordinary use" in (out / "results.md").read_text()
     vectors, meta = ie.load_vectors(out / "vectors.safetensors")
     assert meta["layer"] == 2 and all(abs(float(v.norm()) - 1) < 1e-4 for v in vectors.values())
 
@@ -38,6 +49,7 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     code, text = run_main(args, caplog)
     assert code == 0 and "Loaded adapter" in text and "Loaded introspection evaluation of base" in text
     assert "Loaded safety evaluation of safety_adapter" in text and "Trained" not in text
+    assert "Loaded safety_ordinary evaluation of safety_adapter" in text and "Loaded continue evaluation" in text
     assert (out / "adapter" / "adapter_config.json").stat().st_mtime == adapter_mtime
     assert ie.read_jsonl(out / "trials.jsonl") == trials
 
