@@ -127,7 +127,8 @@ def lora_batches(tok, model, count):
 @pytest.mark.cuda
 def test_graphed_training_step_equals_eager_forward_backward(tok):
     """GraphedStep (captured once, replayed) against eager forward_backward on the same LoRA model: the same loss and
-    the same LoRA gradients, for several replays with different batches (some with an all-padding row)."""
+    the same LoRA gradients (per tensor, to 1e-4 of its norm: elementwise, near-zero entries differ by reduction
+    order), for several replays with different batches (some with an all-padding row)."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
     model = get_peft_model(cuda_tiny(tok), LoraConfig(r=4, lora_dropout=0.0, target_modules=ie.LORA_TARGETS))
@@ -151,7 +152,9 @@ def test_graphed_training_step_equals_eager_forward_backward(tok):
         model.zero_grad(set_to_none=False)  # the graph accumulates into these very tensors
         replay = graphed(batch)
         assert torch.allclose(replay, loss, rtol=1e-5, atol=1e-6), (replay, loss)
-        assert all(torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6) for p, g in zip(lora, grads))
+        errors = [float((p.grad - g).norm() / g.norm()) for p, g in zip(lora, grads)]
+        assert max(errors) < 1e-4, f"LoRA gradients: largest norm-relative error {max(errors):.2e}"  # a wrong
+        # accumulation is off by O(1); kernel choice under capture and atomics in attention backward by ~1e-6
     assert len({round(float(loss), 5) for loss, _ in eager}) == len(eager)  # the batches differ
 
 
