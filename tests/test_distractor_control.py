@@ -168,3 +168,27 @@ def test_a_tiny_run_records_the_trials_and_the_metrics(tmp_path, caplog):
     assert "Wrong-concept prompt control" in (out / "results.md").read_text()
     assert (out / "figures" / "distractor_control.png").exists()
     assert "distractor,no_injection,named_distractor" in (out / "metrics.csv").read_text()
+
+
+def test_paper_tables_show_it_where_the_run_has_it_and_a_dash_where_not(tmp_path):
+    import copy
+    from conftest import ROOT, load_paper_tables
+    pt = load_paper_tables()
+    committed = json.loads((ROOT / "figures" / "metrics.json").read_text())
+    pt.write_paper_tables(committed, None, [], tmp_path / "old")
+    old = (tmp_path / "old" / "macros.tex").read_text()
+    assert "\\newcommand{\\runDistractorEcho}{---}" in old and "Wrong-concept" not in (
+        tmp_path / "old" / "baseline_vs_finetuned.tex").read_text()
+    assert "\\newcommand{\\runMatchedFalsePositive}{0.0\\% (0/1)}" in old
+    metrics = copy.deepcopy(committed)
+    for state in ("base", "finetuned"):
+        metrics["results"][state]["distractor"] = summary()
+    metrics["settings"]["alphas"].setdefault("1x", 217.0)
+    pt.write_paper_tables(metrics, None, [], tmp_path / "new")
+    table = (tmp_path / "new" / "baseline_vs_finetuned.tex").read_text()
+    assert "Wrong-concept prompt, held-out injected: names it & paper & --- & --- & --- \\\\\n" \
+           " & this run & 50.0\\% (1/2) & 50.0\\% (1/2) & +0.0 pp \\\\" in table
+    assert " & this run & 50.0\\% (1/2) & 50.0\\% (1/2) & +0.0 pp \\\\" in table.split("nothing injected")[1]
+    new = (tmp_path / "new" / "macros.tex").read_text()
+    assert "\\newcommand{\\runDistractorSeenDistractor}{50.0\\% (2/4)}" in new
+    assert "\\newcommand{\\runDistractorStrength}{1x ($\\alpha{=}217$)}" in new
