@@ -184,6 +184,7 @@ def test_paper_tables_show_it_where_the_run_has_it_and_a_dash_where_not(tmp_path
     for state in ("base", "finetuned"):
         metrics["results"][state]["distractor"] = summary()
     metrics["settings"]["alphas"].setdefault("1x", 217.0)
+    metrics["results"]["finetuned"]["matched_control"]["false_positive"] = ie.rate(1, 1)
     pt.write_paper_tables(metrics, None, [], tmp_path / "new")
     table = (tmp_path / "new" / "baseline_vs_finetuned.tex").read_text()
     assert "Wrong-concept prompt, held-out injected: names it & paper & --- & --- & --- \\\\\n" \
@@ -191,4 +192,6 @@ def test_paper_tables_show_it_where_the_run_has_it_and_a_dash_where_not(tmp_path
     assert " & this run & 50.0\\% (1/2) & 50.0\\% (1/2) & +0.0 pp \\\\" in table.split("nothing injected")[1]
     new = (tmp_path / "new" / "macros.tex").read_text()
     assert "\\newcommand{\\runDistractorSeenDistractor}{50.0\\% (2/4)}" in new
+    assert "\\newcommand{\\runMatchedFalsePositive}{100.0\\% (1/1)}" in new
+    assert "\\newcommand{\\runBaseMatchedFalsePositive}{0.0\\% (0/1)}" in new
     assert "\\newcommand{\\runDistractorStrength}{1x ($\\alpha{=}217$)}" in new
