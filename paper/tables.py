@@ -207,10 +207,16 @@ def table_baseline_vs_finetuned(metrics: dict) -> str:
     ours = {"detection": (pooled(base, "detection"), pooled(ft, "detection")),
             "success": (pooled(base, "success"), pooled(ft, "success")),
             "false_positive": (base["control"]["false_positive"], ft["control"]["false_positive"]),
+            "matched": (matched_fp(base), matched_fp(ft)),
             "random": (base["random"]["all"]["detection"], ft["random"]["all"]["detection"]),
             "negated": (base["negated"]["all"]["detection"], ft["negated"]["all"]["detection"]),
             "yes": (base["yes_no"]["injected"]["yes"], ft["yes_no"]["injected"]["yes"])}
+    if distractor(ft, "all", "detection"):  # the wrong-concept control (runs from before it have none)
+        ours.update({f"distractor_{key}": (distractor(base, pool, outcome), distractor(ft, pool, outcome))
+                     for key, pool, outcome in DISTRACTOR_ROWS})
     names = {"detection": "Detection rate", "success": "Overall success", "false_positive": "False positive rate",
+             "matched": "Matched-control false positive",
+             **{f"distractor_{key}": name for key, name in DISTRACTOR_NAMES.items()},
              "random": "Random-vector ``detection''", "negated": "Negated-vector ($-v$) ``detection''",
              "yes": "``Yes'' to always-no questions, injected"}
     rows = []
@@ -218,13 +224,40 @@ def table_baseline_vs_finetuned(metrics: dict) -> str:
         paper = PAPER_RESULTS["table3"].get(key)
         rows.append([names[key], "paper", tex_paper(paper and paper["baseline"]), tex_paper(paper and paper["finetuned"]),
                      tex_pp(paper["change_pp"]) if paper else NONE])
-        change = tex_pp(100 * (f["rate"] - b["rate"])) if f["rate"] is not None and b["rate"] is not None else NONE
+        change = (tex_pp(100 * (f["rate"] - b["rate"])) if f and b and f["rate"] is not None and b["rate"] is not None
+                  else NONE)
         rows += [["", "this run", tex_rate(b), tex_rate(f), change], None]
     caption = ("Baseline vs fine-tuned over all injection trials (seen and held-out, every strength) and the "
                "no-injection controls (paper Table 3), then this run's controls, which the paper does not have. "
-               "The paper's fine-tuned column equals its held-out-only numbers (Tables 4 and 6).")
+               "The false positive rate is that of the sampled no-injection controls (the training prompts and "
+               f"phrasings never seen in training, $T={metrics['settings'].get('control_temperature', 0.7):g}$); the "
+               "matched control is the evaluation prompt itself, answered greedily like the injection trials, with "
+               "no injection." + (" Wrong-concept control: the evaluation prompt names another concept (the "
+               "distractor) while a concept is injected (or nothing); exclusive outcomes, the first concept named "
+               "counting when both are." if "distractor_heldout_injected" in ours else "")
+               + " The paper's fine-tuned column equals its held-out-only numbers (Tables 4 and 6).")
     return tex_table("baseline-vs-finetuned", caption, "llrrr",
                      [r"Metric & Source & Baseline & Fine-tuned & Change \\"], rows[:-1], metrics)
+
+
+DISTRACTOR_ROWS = (("heldout_injected", "held-out", "named_injected"), ("heldout_distractor", "held-out", "named_distractor"),
+                   ("seen_distractor", "seen", "named_distractor"), ("echo", "no_injection", "named_distractor"))
+DISTRACTOR_NAMES = {"heldout_injected": "Wrong-concept prompt, held-out injected: names it",
+                    "heldout_distractor": "Wrong-concept prompt, held-out injected: names distractor",
+                    "seen_distractor": "Wrong-concept prompt, seen injected: names distractor",
+                    "echo": "Wrong-concept prompt, nothing injected: names distractor"}
+
+
+def matched_fp(result: dict) -> dict | None:
+    """The matched control's false positive (None in runs from before it)."""
+    fp = result.get("matched_control", {}).get("false_positive")
+    return fp if fp and fp["n"] else None
+
+
+def distractor(result: dict, pool: str, outcome: str) -> dict | None:
+    """A rate of the wrong-concept control (None where the run has none)."""
+    r = result.get("distractor", {}).get(pool, {}).get(outcome)
+    return r if r and r["n"] else None
 
 
 def table_heldout_by_strength(metrics: dict) -> str:
@@ -398,6 +431,13 @@ def paper_macros(metrics: dict, benchmarks: list[dict]) -> dict[str, str]:
         "runHeldoutWrongId": tex_rate(ft["held-out"]["all"]["wrong_id"]),
         "runHeldoutLowestSuccess": tex_rate(ft["held-out"][lowest]["success"]),
         "runFalsePositive": tex_rate(ft["control"]["false_positive"]),
+        "runMatchedFalsePositive": tex_rate(matched_fp(ft)), "runBaseMatchedFalsePositive": tex_rate(matched_fp(base)),
+        "runMatchedAnswer": tex(" ".join(" ".join(ft.get("matched_control", {}).get("responses", [])).split())[:60])
+                            or NONE,
+        **{f"runDistractor{''.join(w.capitalize() for w in key.split('_'))}": tex_rate(distractor(ft, pool, outcome))
+           for key, pool, outcome in DISTRACTOR_ROWS},
+        "runDistractorStrength": (tex_strength(ft["distractor"]["strength"], s["alphas"][ft["distractor"]["strength"]])
+                                  if distractor(ft, "all", "detection") and ft["distractor"]["strength"] else NONE),
         "runDistinctControls": f"{ft['control']['distinct_responses']}/{ft['control']['false_positive']['n']}",
         "runBaseDistinctControls": f"{base['control']['distinct_responses']}/{base['control']['false_positive']['n']}",
         "runRandomDetection": tex_rate(ft["random"]["all"]["detection"]),

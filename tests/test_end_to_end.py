@@ -24,8 +24,11 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     assert set(metrics["results"]) == {"base", "finetuned"}
     trials = ie.read_jsonl(out / "trials.jsonl")
     # seen, held-out, controls, the matched control, random, negated held-out vectors, yes/no questions without and
-    # with injection at each of the 2 strengths
-    per_state = 4 * 2 + 2 * 2 + 4 + 1 + 2 * 2 + 2 * 2 + len(ie.YES_NO_QUESTIONS) * 3
+    # with injection at each of the 2 strengths, and the wrong-concept control: the 6 concepts at one strength, then
+    # one no-injection trial per distinct distractor named
+    echoes = len({t["distractor"] for t in trials if t["split"] == "distractor"})
+    assert 2 + 2 <= echoes <= 2 + 4  # volcano and galaxy name each other; 2-4 distinct among the 4 seen concepts
+    per_state = 4 * 2 + 2 * 2 + 4 + 1 + 2 * 2 + 2 * 2 + len(ie.YES_NO_QUESTIONS) * 3 + 6 + echoes
     assert sum(t["experiment"] == "introspection" for t in trials) == 2 * per_state
     n_safety = sum(map(len, ie.SAFETY_CATEGORIES.values())) * 2 * len(ie.SAFETY_EVAL_QUESTIONS) + 4
     assert sum(t["experiment"] == "safety" for t in trials) == 3 * n_safety  # base, probe, safety adapter

@@ -160,18 +160,21 @@ def test_score_trials_grades_the_reproducible_prefix(tiny, tok, monkeypatch):
               {"split": "held-out", "concept": "volcano", "strength": "1x", "question": "Q"},
               {"split": "random", "concept": "random-000", "strength": "1x", "question": "Q"},
               {"split": "control", "concept": None, "strength": None, "question": "Q"},
-              {"split": "yes-no", "concept": None, "strength": None, "question": "Is the sky green?"}]
+              {"split": "yes-no", "concept": None, "strength": None, "question": "Is the sky green?"},
+              {"split": "distractor", "concept": "fire", "strength": "1x", "pool": "seen", "distractor": "ocean",
+               "question": ie.DISTRACTOR_QUESTION.format(distractor="ocean")}]
     start = len(ie.answer_target(trials[2], tok, "paper"))
     reproduced = {"fire": 100, "volcano": start, "random-000": start, None: 1}  # full / no name / detect / nothing
 
     def fake_match(model, tok, questions, targets, vectors, alphas, cfg):
-        concepts = [t["concept"] for t in trials[:4]]
+        concepts = [t["concept"] for t in trials if t["split"] != "yes-no"]
         return [min(reproduced[c], len(t)) for c, t in zip(concepts, targets)], [-1.0] * len(targets)
 
     monkeypatch.setattr(ie, "greedy_match", fake_match)
     vectors = {"fire": torch.ones(4), "volcano": torch.ones(4), "random-000": torch.ones(4)}
     rows = ie.score_trials(tiny, tok, trials, vectors, 1.0, cfg, "finetuned")
-    assert [r["split"] for r in rows] == ["seen", "held-out", "random", "control"]  # no yes/no in this mode
+    # no yes/no and no wrong-concept trials in this mode (no single target answer)
+    assert [r["split"] for r in rows] == ["seen", "held-out", "random", "control"]
     assert [r["verdict"] for r in rows] == ["correct", "wrong_id", "detected", "correct_rejection"]
     assert all(r["scoring"] == "logprob" for r in rows)
 

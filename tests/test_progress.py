@@ -36,6 +36,8 @@ def test_the_stages_log_their_start_with_counts(tiny, tok, caplog):
     randoms = ie.random_directions(1, tiny.config.hidden_size, 0)
     spec = ie.build_trials(concepts, ["1x"], list(randoms), cfg)
     ie.run_trials(tiny, tok, spec, {**vectors, **randoms, "-volcano": -vectors["volcano"]}, 1.0, cfg, "base")
-    batches = -(-(len(spec) - 2 - 1) // 4) + 1 + 1  # greedy, sampled controls, matched
+    distractor = sum(t["split"] == "distractor" for t in spec)  # 3 injected + no injection with 'fire', 'ocean' named
+    assert distractor == 3 + 2
+    batches = -(-(len(spec) - 2 - 1 - distractor) // 4) + 1 + 1 + -(-distractor // 4)  # greedy, sampled, matched, distractor
     assert f"Evaluating introspection on the base model: {len(spec)} trials in {batches} batches" in caplog.text
     assert "eval introspection base: " in caplog.text
