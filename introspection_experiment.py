@@ -1052,8 +1052,24 @@ def environment() -> dict:
             "cpu_threads": torch.get_num_threads()}
 
 
+def synchronize_gpus() -> None:
+    """Wait for the work queued on every GPU (a split model runs on several); nothing without CUDA."""
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+
+
+def reset_gpu_peaks() -> None:
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(i)
+
+
+def peak_gpu_gib() -> float:
+    """The highest peak of allocated memory of any GPU since reset_gpu_peaks, in GiB (a split model's fullest GPU)."""
+    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+
+
 class Timer:
-    """Seconds (and, on CUDA, peak GPU memory) per stage, kept in the run's manifest (timings.json is a copy) so a
+    """Seconds (and, on CUDA, peak GPU memory: the fullest GPU's) per stage, kept in the run's manifest (timings.json is a copy) so a
     resumed run still reports the original stage times. CUDA work is synchronised at the stage boundaries so that the
     times are real."""
 
@@ -1067,13 +1083,13 @@ class Timer:
     def stage(self, name: str):
         cuda = torch.cuda.is_available()
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            synchronize_gpus()
+            reset_gpu_peaks()
         start = time.perf_counter()
         yield
         if cuda:
-            torch.cuda.synchronize()
-            self.times[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            synchronize_gpus()
+            self.times[f"{name}_peak_gib"] = round(peak_gpu_gib(), 2)
         self.times[name] = round(time.perf_counter() - start, 3)
         self.manifest.save()
         write_json(self.path, self.times)
