@@ -36,8 +36,8 @@ def tiny_config(**kwargs) -> ie.Config:
 
 
 def trials_and_hidden(model, tok, cfg):
-    """Greedy generations of QUESTIONS with a vector injected at two strengths (and none), and the residual stream at
-    the layer after the injection, on one forward pass of the prompts."""
+    """Greedy generations of QUESTIONS with a vector injected at two strengths (and none), then, on one forward pass
+    of the prompts, the residual stream entering the block after the injection and the last position's logits."""
     gen = torch.Generator().manual_seed(1)
     vectors = torch.randn(len(QUESTIONS), ie.text_config(model).hidden_size, generator=gen)
     alphas = torch.tensor([8.0, 0.0, 3.0])
@@ -47,8 +47,8 @@ def trials_and_hidden(model, tok, cfg):
     device = ie.input_device(model)
     with torch.no_grad(), ie.injection(model, LAYER, vectors, alphas, end), \
             ie.capture_residual(model, LAYER + 1) as captured:
-        model(input_ids=padded.to(device), attention_mask=mask.to(device), use_cache=False)
-    return ids, captured[0].cpu()
+        logits = model(input_ids=padded.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, -1]
+    return ids, captured[0].cpu(), logits.cpu()
 
 
 def test_the_flags_and_their_help():
@@ -110,9 +110,15 @@ def test_the_placement_and_the_map_file_contents_are_part_of_the_run(tmp_path):
     assert ie.config_hash(tiny_config(device_map=path)) != mapped
 
 
-def test_placement_requests():
+def test_placement_requests(monkeypatch):
+    """A cap alone asks for strategy auto, that much on each GPU and the CPU's available memory for the rest."""
+    import accelerate.utils
     assert ie.placement_request(tiny_config()) == (None, None)
     assert ie.placement_request(tiny_config(device_map="sequential")) == ("sequential", None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {"cpu": 64 * 2**30})  # the available memory
+    device_map, max_memory = ie.placement_request(tiny_config(max_gpu_memory="20GiB"))
+    assert device_map == "auto" and max_memory == {0: 20 * 2**30, 1: 20 * 2**30, "cpu": 64 * 2**30}
 
 
 def test_an_explicit_map_gives_the_same_trials_and_hidden_states(tok, tmp_path):
@@ -128,8 +134,8 @@ def test_an_explicit_map_gives_the_same_trials_and_hidden_states(tok, tmp_path):
                                        "devices": {"cpu": {"layers": "0-3", "modules": [""]}}}
     assert info["placement"] == {"device_map": True, "num_devices": 1, "devices": {"cpu": {
         "layers": "0-3", "modules": ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"]}}}
-    (ids, hidden), (mapped_ids, mapped_hidden) = (trials_and_hidden(m, tok, cfg) for m in (plain, mapped))
-    assert torch.equal(ids, mapped_ids) and torch.equal(hidden, mapped_hidden)
+    for a, b in zip(trials_and_hidden(plain, tok, cfg), trials_and_hidden(mapped, tok, cfg)):
+        assert torch.equal(a, b)
 
 
 def test_accelerate_hooks_place_the_inputs(tok):
@@ -143,7 +149,7 @@ def test_accelerate_hooks_place_the_inputs(tok):
     assert model.get_input_embeddings()._hf_hook.execution_device == "cpu"
     assert ie.input_device(model) == torch.device("cpu")
     after = trials_and_hidden(model, tok, cfg)
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
     model.get_input_embeddings()._hf_hook.execution_device = 0  # as for embeddings offloaded to the CPU
     assert ie.input_device(model) == torch.device("cuda", 0)
 
@@ -153,12 +159,12 @@ def test_a_folder_model_is_placed_by_from_pretrained(tok, tmp_path, monkeypatch)
     several devices, so a map all on the CPU leaves a model recorded as on one device."""
     from transformers import AutoModelForCausalLM
     folder = save_tiny_folder(tok, tmp_path / "tiny-folder", "tiny")
-    device_map, given = per_module_map(["cpu", "cpu"]), []
+    device_map, max_memory, given = per_module_map(["cpu", "cpu"]), {"cpu": 2**34}, []
     load = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: given.append(k) or load(*a, **k))
-    model, _, info = ie.load_model(ie.Config(model=str(folder), dtype="float32",
-                                             device_map=map_file(tmp_path, device_map)))
-    assert (given[0]["device_map"], given[0]["max_memory"]) == (device_map, None)
+    monkeypatch.setattr(ie, "placement_request", lambda cfg: (device_map, max_memory))  # a cap is CUDA-only
+    model, _, info = ie.load_model(ie.Config(model=str(folder), dtype="float32"))
+    assert (given[0]["device_map"], given[0]["max_memory"]) == (device_map, max_memory)
     assert info["placement"] == {"device_map": False, "num_devices": 1,
                                  "devices": {"cpu": {"layers": "0-3", "modules": [""]}}}
 
@@ -216,6 +222,6 @@ def test_a_split_model_gives_the_same_trials_as_an_unsplit_one(tok, tmp_path, de
     split = tiny_config(device_map=map_file(tmp_path, per_module_map(devices), "split.json"))
     (model, _, _), (split_model, _, info) = ie.load_model(one), ie.load_model(split)
     assert info["placement"]["num_devices"] == 2 and not ie.fast_path_on(split_model, split)
-    ids, hidden = trials_and_hidden(model, tok, one)
-    split_ids, split_hidden = trials_and_hidden(split_model, tok, split)
-    assert torch.equal(ids, split_ids) and torch.allclose(hidden, split_hidden, atol=1e-5, rtol=1e-5)
+    (ids, *states), (split_ids, *split_states) = (trials_and_hidden(m, tok, one) for m in (model, split_model))
+    assert torch.equal(ids, split_ids)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(states, split_states))
