@@ -192,6 +192,9 @@ RECIPES = {  # defaults of the language-modelling options, by --recipe (the trad
 }
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's; else a JSON map file
+
+
 class ConfigError(Exception):
     """Bad input: reported as one line and a non-zero exit, never a traceback."""
 
@@ -297,6 +300,14 @@ class Config:
     load_in_4bit: bool = field(default=False, metadata={"help": (
         "QLoRA: NF4 weights with double quantization and bitsandbytes AdamW8bit "
         "(CUDA only; a 7B model fits a 16 GB T4)")})
+    device_map: str | None = field(default=None, metadata={"help": (
+        f"where the model's modules go (accelerate's placement): a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) or a "
+        "JSON file mapping module names to devices (0, 'cuda:1', 'cpu'); default: 'auto' for hub and folder models on "
+        "CUDA (split over GPUs only if one does not hold them), one device otherwise. Random weights placed this way "
+        "are drawn on the CPU first. A model on several devices runs without the CUDA fast path")})
+    max_gpu_memory: str | None = field(default=None, metadata={"help": (
+        "cap on each GPU's share of the model (accelerate's max_memory, e.g. 20GiB); what does not fit is offloaded "
+        "to the CPU: forces a split (GPU + CPU on one GPU) with a --device-map strategy (default auto); CUDA only")})
     tokenizer: str | None = field(default=None, metadata={"help": (
         "tokenizer of a random:SHAPE model (a folder or hub id); default: the embedded model's")})
     recipe: str = field(default="assistant", metadata={"choices": list(RECIPES), "help": (
@@ -462,11 +473,65 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("--num-train-concepts must be >= 1")
     if cfg.seeds is not None and len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError("--seeds must not repeat a seed")
+    validate_placement(cfg)
     if not torch.cuda.is_available():
         if cfg.dtype == "float16":
             raise ConfigError("--dtype float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
         if cfg.load_in_4bit:
             raise ConfigError("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); run without it on CPU")
+
+
+def validate_placement(cfg: Config) -> None:
+    """--device-map is a strategy or a readable map file (read_device_map); --max-gpu-memory a size, on CUDA, with a
+    strategy (an explicit map places every module itself)."""
+    explicit = cfg.device_map is not None and cfg.device_map not in DEVICE_MAP_STRATEGIES
+    if explicit:
+        read_device_map(cfg.device_map)
+    if cfg.max_gpu_memory is not None:
+        memory_size(cfg.max_gpu_memory)
+        if not torch.cuda.is_available():
+            raise ConfigError("--max-gpu-memory needs a CUDA GPU; run without it on CPU")
+        if explicit:
+            raise ConfigError("--max-gpu-memory applies to a --device-map strategy, not to a map file (which places "
+                              "every module itself)")
+
+
+def read_device_map(path: str) -> dict[str, int | str]:
+    """The module -> device map of a --device-map JSON file: a non-empty object whose values are GPU indices
+    (0, 1, ...), 'cuda:N' or 'cpu', of GPUs this machine has; anything else is one ConfigError line."""
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--device-map {path} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) nor a "
+                          f"readable JSON file: {e}") from None
+    if not isinstance(given, dict) or not given:
+        raise ConfigError(f"--device-map file {path} must hold a non-empty JSON object of module name -> device")
+    gpus = torch.cuda.device_count()
+    for name, device in given.items():
+        if device != "cpu" and ((index := gpu_index(device)) is None or index >= gpus):
+            raise ConfigError(f"--device-map file {path}: module '{name}' -> {device!r} is not a device of this "
+                              f"machine ('cpu', or a GPU index or 'cuda:N' below {gpus})")
+    return given
+
+
+def gpu_index(device) -> int | None:
+    """The GPU of a device-map value (an index >= 0 or 'cuda:N'), or None for anything else."""
+    if type(device) is int:
+        return device if device >= 0 else None
+    match = re.fullmatch(r"cuda:(\d+)", device) if isinstance(device, str) else None
+    return int(match[1]) if match else None
+
+
+def memory_size(text: str) -> int:
+    """Bytes of a size such as 20GiB or 500MB (accelerate's notation); one ConfigError line unless it is > 0."""
+    from accelerate.utils import convert_file_size_to_int
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ConfigError(f"--max-gpu-memory {text!r} is not a memory size > 0 (e.g. 20GiB, 500MB)")
+    return size
 
 
 def resolve_config(cfg: Config) -> Config:
@@ -703,8 +768,11 @@ DAMAGED = "delete {dir} and rerun, or choose another --output-dir"  # what to do
 
 
 def run_input_files(cfg: Config) -> dict[str, Path]:
-    """Every file whose contents a run reads, besides the model: the concepts file and all files shipped in data/."""
+    """Every file whose contents a run reads, besides the model: the concepts file, a --device-map file and all files
+    shipped in data/."""
     files = {"concepts_file": Path(cfg.concepts_file)} if cfg.concepts_file else {}
+    if cfg.device_map is not None and cfg.device_map not in DEVICE_MAP_STRATEGIES:
+        files["device_map"] = Path(cfg.device_map)
     files.update({f"data/{p.name}": p for p in sorted(DATA_DIR.iterdir()) if p.is_file()})
     return files
 
@@ -991,8 +1059,24 @@ def environment() -> dict:
             "cpu_threads": torch.get_num_threads()}
 
 
+def synchronize_gpus() -> None:
+    """Wait for the work queued on every GPU (a split model runs on several); nothing without CUDA."""
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+
+
+def reset_gpu_peaks() -> None:
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(i)
+
+
+def peak_gpu_gib() -> float:
+    """The highest peak of allocated memory of any GPU since reset_gpu_peaks, in GiB (a split model's fullest GPU)."""
+    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+
+
 class Timer:
-    """Seconds (and, on CUDA, peak GPU memory) per stage, kept in the run's manifest (timings.json is a copy) so a
+    """Seconds (and, on CUDA, peak GPU memory: the fullest GPU's) per stage, kept in the run's manifest (timings.json is a copy) so a
     resumed run still reports the original stage times. CUDA work is synchronised at the stage boundaries so that the
     times are real."""
 
@@ -1006,13 +1090,13 @@ class Timer:
     def stage(self, name: str):
         cuda = torch.cuda.is_available()
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            synchronize_gpus()
+            reset_gpu_peaks()
         start = time.perf_counter()
         yield
         if cuda:
-            torch.cuda.synchronize()
-            self.times[f"{name}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            synchronize_gpus()
+            self.times[f"{name}_peak_gib"] = round(peak_gpu_gib(), 2)
         self.times[name] = round(time.perf_counter() - start, 3)
         self.manifest.save()
         write_json(self.path, self.times)
@@ -1307,10 +1391,13 @@ def random_config(shape: str, tok, **overrides):
 
 
 def load_model(cfg: Config):
-    """Returns (model, tokenizer, info); info says where the weights came from. On CUDA: SDPA attention, bf16 (fp16
-    without bf16 support), hub models placed with device_map="auto" (split over GPUs if they do not fit one)."""
+    """Returns (model, tokenizer, info); info says where the weights came from and where they are (placement). On
+    CUDA: SDPA attention, bf16 (fp16 without bf16 support), hub models placed with device_map="auto" (split over GPUs
+    if they do not fit one). --device-map / --max-gpu-memory (placement_request) go to from_pretrained; random
+    weights are then drawn on the CPU and placed by accelerate (dispatched)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device, dtype = pick_device_and_dtype(cfg.dtype)
+    device_map, max_memory = placement_request(cfg)
     info = {"name": cfg.model, "random_weights": False, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "load_in_4bit": cfg.load_in_4bit}
     source = resolve_model_source(cfg.model)
@@ -1321,28 +1408,33 @@ def load_model(cfg: Config):
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         check_prompt_format(tok, cfg.prompt_format)
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation="sdpa", device_map=device_map,
+                                                     max_memory=max_memory)
+        placed = device_map is not None
     elif source.kind == "random":
         shape = cfg.model.split(":", 1)[1]
         tok = load_embedded_tokenizer() if cfg.tokenizer is None else load_tokenizer(cfg.tokenizer)
         check_prompt_format(tok, cfg.prompt_format)
         arch = random_config(shape, tok)
         torch.manual_seed(cfg.seed)
-        with device:  # created directly where it runs
+        with device if device_map is None else torch.device("cpu"):  # created directly where it runs
             model = AutoModelForCausalLM.from_config(arch, dtype=dtype, attn_implementation="sdpa")
+        if device_map is not None:
+            model = dispatched(model, device_map, max_memory)
         placed = True
         info.update(random_weights=True, source=f"random weights, {arch.architectures[0]} of shape '{shape}'")
     else:
         try:
             tok = AutoTokenizer.from_pretrained(source.path, token=token, trust_remote_code=False)
             check_prompt_format(tok, cfg.prompt_format)
+            device_map = device_map or ("auto" if device.type == "cuda" else None)
             model = AutoModelForCausalLM.from_pretrained(
                 source.path, token=token, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa",
-                quantization_config=nf4_config(dtype) if cfg.load_in_4bit else None,
-                device_map="auto" if device.type == "cuda" else None)
+                quantization_config=nf4_config(dtype) if cfg.load_in_4bit else None, device_map=device_map,
+                max_memory=max_memory)
         except (OSError, ValueError) as e:
             raise model_load_error(cfg.model, e) from None
-        placed = device.type == "cuda"
+        placed = device_map is not None
     if not placed:
         model.to(device)
     if cfg.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
@@ -1352,7 +1444,89 @@ def load_model(cfg: Config):
     info["num_layers"] = num_layers(model)
     info["hidden_size"] = text_config(model).hidden_size
     info["matmul_weights"] = matmul_weights(model)
+    info["placement"] = placement(model)
     return model, tok, info
+
+
+def placement_request(cfg: Config) -> tuple[str | dict | None, dict | None]:
+    """(device_map, max_memory) for accelerate, as --device-map and --max-gpu-memory ask (None, None: neither): the
+    strategy or the map file's map (strategy auto when only a cap is given); each GPU capped at --max-gpu-memory and
+    the CPU's available memory for the rest (offload)."""
+    if cfg.device_map is None and cfg.max_gpu_memory is None:
+        return None, None
+    device_map = cfg.device_map or "auto"
+    if device_map not in DEVICE_MAP_STRATEGIES:
+        device_map = read_device_map(device_map)
+    if cfg.max_gpu_memory is None:
+        return device_map, None
+    from accelerate.utils import get_max_memory
+    cap = memory_size(cfg.max_gpu_memory)
+    return device_map, {**get_max_memory(), **{i: cap for i in range(torch.cuda.device_count())}}
+
+
+def dispatched(model, device_map: str | dict, max_memory: dict | None):
+    """`model` (on the CPU) placed by accelerate as from_pretrained places a checkpoint: a map as given; a strategy
+    through infer_auto_device_map within max_memory, which for every strategy but sequential is first balanced over
+    the GPUs (get_balanced_memory; balanced_low_0 keeps GPU 0 light). A map that misses modules is a ConfigError."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+    if isinstance(device_map, str):
+        no_split = model._no_split_modules
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    try:
+        return dispatch_model(model, device_map)
+    except ValueError as e:
+        raise ConfigError(f"--device-map: {str(e).strip().splitlines()[0]}") from None
+
+
+def device_name(device) -> str:
+    """A device-map value as torch names it: GPU index 0 -> 'cuda:0'; 'cpu', 'cuda:1' as they are."""
+    index = gpu_index(device)
+    return str(device) if index is None else f"cuda:{index}"
+
+
+def model_devices(model) -> list[str]:
+    """The devices accelerate placed the model's modules on (hf_device_map), or [] for a model placed without it."""
+    return sorted({device_name(d) for d in (getattr(unwrap(model), "hf_device_map", None) or {}).values()})
+
+
+def placement(model) -> dict:
+    """Where the model is, for metrics.json: whether accelerate placed it (an hf_device_map, which from_pretrained
+    sets for a map over several devices and `dispatched` always), the number of devices and, for each, the decoder
+    layers it holds (index ranges, e.g. '0-15') and its other mapped modules ('' = whatever no other entry names).
+    A model without a map is wholly on its input embeddings' device."""
+    device_map = getattr(unwrap(model), "hf_device_map", None)
+    entries = {k: device_name(v) for k, v in (device_map or {"": str(input_device(model))}).items()}
+    prefix, n = decoder_layers_name(model), num_layers(model)
+    held = {d: {"layers": set(), "modules": []} for d in entries.values()}
+    for key, device in entries.items():
+        inside = re.fullmatch(re.escape(prefix) + r"\.(\d+)(\..*)?", key)
+        if inside:
+            held[device]["layers"].add(int(inside[1]))
+        else:
+            held[device]["modules"].append(key)
+    unclaimed = set(range(n)) - {i for h in held.values() for i in h["layers"]}
+    for i in unclaimed:  # a layer no entry of its own names: on the device of the longest entry that contains it
+        name = f"{prefix}.{i}"
+        key = max((k for k in entries if k == "" or name.startswith(k + ".")), key=len)
+        held[entries[key]]["layers"].add(i)
+    return {"device_map": device_map is not None, "num_devices": len(held),
+            "devices": {d: {"layers": index_ranges(sorted(h["layers"])), "modules": h["modules"]}
+                        for d, h in sorted(held.items())}}
+
+
+def index_ranges(indices: list[int]) -> str:
+    """Sorted indices as ranges: [0, 1, 2, 5] -> '0-2, 5'; [] -> ''."""
+    runs = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
 def matmul_weights(model) -> int:
@@ -1397,7 +1571,11 @@ def quantize_linear_layers_4bit(model, compute_dtype: torch.dtype) -> None:
 
 
 def input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where input ids go: the input embeddings' device, or, for embeddings accelerate offloads to the CPU (weights
+    on the meta device between calls), the device its hook runs them on."""
+    embeddings = model.get_input_embeddings()
+    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    return embeddings.weight.device if execution is None else torch.device(device_name(execution))
 
 
 def text_config(model):
@@ -1416,10 +1594,15 @@ def num_layers(model) -> int:
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks of Llama, Qwen2, Mistral, Gemma (and similar) models, plain or wrapped by peft."""
+    return unwrap(model).get_submodule(decoder_layers_name(model))
+
+
+def decoder_layers_name(model) -> str:
+    """The module name of the decoder blocks (e.g. 'model.layers') in the transformers model under any peft wrapper."""
     n = num_layers(model)
     for name, module in unwrap(model).named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) == n:
-            return module
+            return name
     raise ConfigError(f"cannot find the {n} decoder layers of {type(unwrap(model)).__name__}")
 
 
@@ -1913,18 +2096,22 @@ def sliding_window_below(model, cache_len: int) -> int | None:
 _FALLBACKS_LOGGED: set[str] = set()
 
 
+def log_once(message: str) -> None:
+    """Log a fallback (an architecture or placement that leaves the fast path) the first time it is taken."""
+    if message not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(message)
+        log.info("%s", message)
+
+
 def static_decoder(model, tok, cfg: Config, rows: int, cache_len: int) -> StaticDecoder | None:
     """A StaticDecoder for this model, or None (transformers' generate, eager) where the architecture is not
     supported by it, said once in the log."""
     window = sliding_window_below(model, cache_len)
     if window is None:
         return StaticDecoder(model, tok, cfg, rows, cache_len)
-    reason = (f"{type(unwrap(model)).__name__}: sliding-window attention of {window} tokens is shorter than the "
-              f"{cache_len}-token static cache; generating with transformers' generate (eager) instead of the "
-              "StaticDecoder and its CUDA graph")
-    if reason not in _FALLBACKS_LOGGED:
-        _FALLBACKS_LOGGED.add(reason)
-        log.info("%s", reason)
+    log_once(f"{type(unwrap(model)).__name__}: sliding-window attention of {window} tokens is shorter than the "
+             f"{cache_len}-token static cache; generating with transformers' generate (eager) instead of the "
+             "StaticDecoder and its CUDA graph")
     return None
 
 
@@ -1989,7 +2176,7 @@ def greedy_match(model, tok, questions: list[str], targets: list[list[int]], vec
           contiguous_lm_head(model)):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device),
                        use_cache=False, logits_to_keep=length + 1).logits[:, :-1].float()
-    answers = answers.to(device)
+    answers = answers.to(logits.device)  # the LM head's device (a split model's last GPU)
     agree = (logits.argmax(-1) == answers).cpu()
     token_logprobs = logits.log_softmax(-1).gather(-1, answers[..., None])[..., 0].cpu()
     matched = [int(agree[b, :len(t)].cumprod(0).sum()) for b, t in enumerate(targets)]
@@ -2275,7 +2462,7 @@ def kl_to_base(peft_model, batch: dict, logits: torch.Tensor) -> torch.Tensor:
     Masked sums, no boolean indexing: no host sync, so a CUDA graph can hold it."""
     with torch.no_grad(), peft_model.disable_adapter():
         base = peft_model(input_ids=batch["input_ids"], use_cache=False).logits
-    weight = batch["kl_mask"][:, 1:].float()  # the logits at position t predict the token at t + 1
+    weight = batch["kl_mask"][:, 1:].to(logits.device).float()  # the logits at t predict the token at t + 1
     return (kl_divergence(base[:, :-1], logits[:, :-1]) * weight).sum() / weight.sum().clamp(min=1)
 
 
@@ -2377,9 +2564,9 @@ def perplexity(model, tok, text: str, window: int = 256, batch_size: int = 4) ->
         width = max(map(len, chunk))
         batch = torch.tensor([w + [tok.pad_token_id] * (width - len(w)) for w in chunk], device=device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
+        targets = batch[:, 1:].to(logits.device)  # the LM head's device (a split model's last GPU)
         real = torch.tensor([[len(prefix) - 1 <= j < len(w) - 1 for j in range(width - 1)] for w in chunk],
-                            device=device)
+                            device=logits.device)
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         nll += float(token_nll[real].sum())
         tokens += int(real.sum())
@@ -3408,8 +3595,24 @@ def seeds_table(summary: dict, seeds: list[int]) -> str:
 
 
 def fast_path_on(model, cfg: Config) -> bool:
-    """The one switch: the CUDA fast path runs for a model on a CUDA device unless cfg.cuda_speedups is off."""
-    return cfg.cuda_speedups and input_device(model).type == "cuda"
+    """The one switch: the CUDA fast path runs for a model on a CUDA device unless cfg.cuda_speedups is off or the
+    model spans several devices (split_fallback, logged once)."""
+    if not (cfg.cuda_speedups and input_device(model).type == "cuda"):
+        return False
+    reason = split_fallback(model_devices(model))
+    if reason:
+        log_once(reason)
+    return reason is None
+
+
+def split_fallback(devices: list[str]) -> str | None:
+    """Why a model on `devices` (model_devices) leaves the CUDA fast path, or None for one device: the graphed
+    training step, the StaticDecoder's graph and static cache, and the fused kernels are built for one device, so a
+    split model (several GPUs, or a GPU and CPU offload) trains eagerly and generates with transformers' generate."""
+    if len(devices) < 2:
+        return None
+    return (f"the model spans {len(devices)} devices ({', '.join(devices)}): CUDA fast path off, eager training and "
+            "transformers' generate")
 
 
 @contextmanager
@@ -3419,9 +3622,11 @@ def cuda_fast_path(model, cfg: Config):
     (torch's first choice on Hopper), which compiles a kernel for each new batch shape (0.1-2 s each, ~10 s per run);
     flash attention (causal training) and memory-efficient attention (padded prefill, decode) need no compilation and
     were as fast. Everything is restored on exit, also after an exception. Yields what it did, for metrics.json
-    (nothing off the fast path; the CUDA graphs of decoding and training need no setup here)."""
+    (off the fast path nothing, or why a split model left it; the CUDA graphs of decoding and training need no setup
+    here)."""
     if not fast_path_on(model, cfg):
-        yield {}
+        reason = split_fallback(model_devices(model)) if cfg.cuda_speedups else None
+        yield {"cuda_fast_path": False, "cuda_fast_path_off": reason} if reason else {}
         return
     info = {"cuda_fast_path": True}
     llama = unwrap(model).config.model_type == "llama"
@@ -3523,11 +3728,12 @@ class StaticDecoder:
         self.graphable = device.type == "cuda" and {p.device for p in model.parameters()} == {device}
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """float32 logits of the last position of each row, the keys and values written to the cache."""
+        """float32 logits of the last position of each row, on the input device (where the tokens are chosen), the
+        keys and values written to the cache."""
         with contiguous_lm_head(self.model):
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=attend, past_key_values=self.cache,
                              use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().to(ids.device)
 
     def decode_step(self) -> torch.Tensor:
         """One token per row; the injection sees only positions after the prompt (none in final-token mode)."""

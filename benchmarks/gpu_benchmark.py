@@ -16,6 +16,12 @@ MFU = FLOPs / seconds / peak, with peak = 989 TFLOP/s (H100 SXM dense bf16).
 
     python benchmarks/gpu_benchmark.py --output benchmarks/h100_bf16.json
     python benchmarks/gpu_benchmark.py --output benchmarks/h100_4bit.json --load-in-4bit
+
+A split model (the script's --device-map / --max-gpu-memory, passed through): two GPUs, or one GPU and CPU offload.
+Its random weights are drawn on the CPU, so they differ from the unsplit rows'; peak memory is the fullest GPU's.
+
+    python benchmarks/gpu_benchmark.py --output benchmarks/h200x2_split_bf16.json --device-map balanced
+    python benchmarks/gpu_benchmark.py --output benchmarks/h200_gpu_cpu_bf16.json --max-gpu-memory 8GiB
 """
 import argparse
 import dataclasses
@@ -37,12 +43,11 @@ log = logging.getLogger("benchmark")
 
 
 def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    ie.synchronize_gpus()
 
 
 def peak_gib():
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return ie.peak_gpu_gib() if torch.cuda.is_available() else None
 
 
 def training_tokens(dataset, tok, prompt_format: str) -> int:
@@ -104,8 +109,7 @@ def throughput(cfg: ie.Config, micro_batches: list[int]) -> list[dict]:
     with ie.cuda_fast_path(model, cfg):  # the run's CUDA speed-ups, as in ie.run
         for micro_batch in micro_batches:
             sync()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
+            ie.reset_gpu_peaks()
             epochs = []  # train_lora's per-epoch records: wall time from collation to the losses read back (a device sync)
             trained, _ = ie.train_lora(model, tok, dataset, vectors, 1.0, dataclasses.replace(cfg, batch_size=micro_batch),
                                        on_epoch=epochs.append)
@@ -125,6 +129,9 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
     parser.add_argument("--throughput-batch", type=int, default=32, help="micro-batch of the MFU measurement (0: skip)")
     parser.add_argument("--epochs", type=int, default=3)
+    for name in ("device_map", "max_gpu_memory"):  # the split options, as the script defines them
+        field = next(f for f in dataclasses.fields(ie.Config) if f.name == name)
+        parser.add_argument(ie.flag(field), default=None, help=field.metadata["help"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
@@ -134,7 +141,8 @@ def main() -> int:
         log.warning("no CUDA device: timings are CPU timings and MFU is meaningless")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ie.Config(model=args.model, load_in_4bit=args.load_in_4bit, tokenizer=args.tokenizer,
-                        epochs=args.epochs, output_dir=str(Path(tmp) / "run"))
+                        epochs=args.epochs, output_dir=str(Path(tmp) / "run"), device_map=args.device_map,
+                        max_gpu_memory=args.max_gpu_memory)
         start = time.perf_counter()
         loaded = ie.load_model(cfg)
         sync()
@@ -145,6 +153,10 @@ def main() -> int:
         tok = ie.load_tokenizer(args.tokenizer) if args.tokenizer else ie.load_embedded_tokenizer()
         rows = stage_rows(Path(cfg.output_dir), cfg, flops, tok)
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "model": args.model, "random_weights": True,
+              "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+              "placement": metrics["model"]["placement"],
+              "split": {"device_map": args.device_map, "max_gpu_memory": args.max_gpu_memory,
+                        "cuda_fast_path_off": metrics["model"].get("cuda_fast_path_off")},
               "load_in_4bit": args.load_in_4bit, "dtype": metrics["model"]["dtype"],
               "settings": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                            "eval_batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens},
@@ -209,9 +221,18 @@ def warm_up() -> None:
     sync()
 
 
+def split_note(result: dict) -> str:
+    """'; split over N devices (cuda:0, cuda:1)' for a row of a model on several devices, else '' (also for rows
+    written before placements were recorded)."""
+    placement = result.get("placement") or {"num_devices": 1}
+    if placement["num_devices"] < 2:
+        return ""
+    return f"; split over {placement['num_devices']} devices ({', '.join(placement['devices'])})"
+
+
 def format_table(result: dict) -> str:
     lines = [f"{result['device']} — {result['model']} (RANDOM WEIGHTS), "
-             f"{'4-bit NF4' if result['load_in_4bit'] else result['dtype']}",
+             f"{'4-bit NF4' if result['load_in_4bit'] else result['dtype']}{split_note(result)}",
              f"{'stage':34} {'items':>12} {'seconds':>8} {'items/s':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9}"]
     for r in result["stages"]:
         name = r["stage"] + (" (extra)" if is_extra(r) else "")

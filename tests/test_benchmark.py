@@ -1,4 +1,4 @@
-"""benchmarks/gpu_benchmark.py: the targets line."""
+"""benchmarks/gpu_benchmark.py: the targets line, the split note."""
 import sys
 
 from conftest import ROOT, benchmark_results
@@ -11,3 +11,13 @@ def test_targets_line_says_not_met_when_one_run_misses():
     runs = benchmark_results(("h100_bf16", "h100_4bit", "h100_bf16_rerun"))
     slow = {**runs[2], "total_compute_s": 30.5}
     assert f"bf16 total s ≤ 30.0: {runs[0]['total_compute_s']:.1f}, 30.5 NOT met" in gb.targets_line([runs[0], runs[1], slow])
+
+
+def test_a_split_row_says_so_in_its_table():
+    """Rows of one device (and committed rows, written before placements were recorded) have no note."""
+    row = benchmark_results(("h100_bf16",))[0]
+    assert gb.split_note(row) == ""
+    assert gb.split_note({**row, "placement": {"num_devices": 1, "devices": {"cuda:0": {}}}}) == ""
+    split = {**row, "placement": {"num_devices": 2, "devices": {"cuda:0": {}, "cpu": {}}}}
+    assert gb.split_note(split) == "; split over 2 devices (cuda:0, cpu)"
+    assert gb.format_table(split).splitlines()[0].endswith("bfloat16; split over 2 devices (cuda:0, cpu)")
