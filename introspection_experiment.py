@@ -1000,6 +1000,14 @@ def row_part(row: dict) -> str:
     return trials_part(row.get("experiment"), row.get("state"))
 
 
+def replaced_part(trials: list[dict], name: str, rows: list[dict]) -> list[dict]:
+    """`trials` with the rows of evaluation `name` replaced by `rows` in their place (appended if it had none), so a
+    recomputed evaluation leaves trials.jsonl in the order of an uninterrupted run."""
+    at = next((i for i, t in enumerate(trials) if row_part(t) == name), len(trials))
+    kept = [t for t in trials if row_part(t) != name]
+    return kept[:at] + rows + kept[at:]
+
+
 def trial_part_digests(trials: list[dict]) -> dict[str, str]:
     """The digest of each evaluation's rows in `trials`, by manifest name (trials_part)."""
     groups: dict[str, list[dict]] = {}
@@ -1126,7 +1134,7 @@ class RunState:
             return
         with self.timer.stage(f"eval_{experiment}_{state}"):
             rows = produce()
-            self.trials = [t for t in self.trials if row_part(t) != name] + rows
+            self.trials = replaced_part(self.trials, name, rows)
             write_jsonl(self.trials_path, self.trials)
         self.manifest.record(name, rows_digest(rows))
 

@@ -214,6 +214,15 @@ def test_damaged_stage_times_are_restored_from_the_manifest(complete, copy, capl
     assert outputs(run_dir) == outputs(complete[0])
 
 
+def test_a_recomputed_evaluation_keeps_its_place_in_the_trials():
+    rows = lambda experiment, state, n: [{"experiment": experiment, "state": state, "i": i} for i in range(n)]  # noqa: E731
+    trials = rows("introspection", "base", 2) + rows("introspection", "finetuned", 2) + rows("continue", "finetuned", 1)
+    again = [{**t, "i": 10 + t["i"]} for t in rows("introspection", "finetuned", 2)]
+    name = ie.trials_part("introspection", "finetuned")
+    assert ie.replaced_part(trials, name, again) == trials[:2] + again + trials[4:]
+    assert ie.replaced_part(trials[:2], name, again) == trials[:2] + again  # a new evaluation goes last
+
+
 def test_an_unrecorded_evaluation_is_recomputed_alone(complete, copy, caplog):
     """A run killed after writing an evaluation but before recording it: that evaluation alone runs again."""
     run_dir, args = copy
