@@ -47,7 +47,7 @@ def point_metrics(m: dict) -> dict:
                 "KL (nats/token)": cap["answer_kl"]["mean_per_token"],
                 "exact-answer change": cap["exact_answers"]["change"],
                 "template leak": cap["template_leak"]["finetuned"]})
-    cont = m.get("continue", {})  # report-then-continue, when the point trained it
+    cont = m.get("continue", {})  # report-then-continue: measured in every run (absent from runs of older versions)
     for split, metric, label in CONTINUE:
         out[label] = cont[split][metric] if split in cont else None
     return out

@@ -94,8 +94,9 @@ def test_tradeoff_points_table_figure_and_resume(tmp_path, concepts, monkeypatch
     trained = json.loads((tmp_path / "runs" / "tradeoff" / "paper-1_1_0.5_neg" / "metrics.json").read_text())
     lm = trained["settings"]["language_modelling"]
     assert (lm["replay"], lm["kl_weight"], lm["continue_examples"], lm["kl_negatives"]) == (1, 1, 0.5, True)
-    assert result["points"][0]["continue: seen report"] is None  # no report-then-continue trained at 0:0:0
-    assert result["points"][1]["continue: seen report"]["n"] > 0
+    untrained = json.loads((tmp_path / "runs" / "tradeoff" / "paper-0_0_0" / "metrics.json").read_text())
+    assert result["points"][0]["continue: seen report"] == untrained["continue"]["seen"]["report"]  # measured untrained
+    assert result["points"][1]["continue: seen report"] == trained["continue"]["seen"]["report"]
     assert result["points"][1]["perplexity change"] == trained["capability"]["perplexity_change"]
     table = (tmp_path / "fig" / "tradeoff_study.md").read_text()
     assert table.count("| prompt-end vectors |") == 2 and "1 (+neg.)" in table
