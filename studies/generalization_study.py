@@ -248,8 +248,18 @@ def plot_sweep(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def study_parser(doc: str, runs: str = "runs/study",
+                 figures: str = "where the figure, JSON and table go") -> argparse.ArgumentParser:
+    """A study's command line: its docstring as help and the two folders of every study (--runs, --figures); flags it
+    does not know go to the pipeline (parse_known_args)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=runs, help="parent folder of the points' run directories")
+    parser.add_argument("--figures", default="figures", help=figures)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = study_parser(__doc__)
     parser.add_argument("part", choices=["scaling", "sweep", "controls", "summary"])
     parser.add_argument("--points", type=int, nargs="+", default=None,
                         help="numbers of training concepts (scaling: default 40 100 200 400 600; controls: default 40)")
@@ -258,23 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fractions of negatives with a random direction (scaling)")
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 16, 20, 24, 28], help="layers (sweep)")
     parser.add_argument("--strengths", nargs="+", default=SWEEP_STRENGTHS, help="evaluation strengths (sweep)")
-    parser.add_argument("--runs", default="runs/study", help="parent folder of the points' run directories")
-    parser.add_argument("--figures", default="figures", help="where the figure, JSON and table go")
     return parser
 
 
 def main(argv=None) -> int:
-    ie.setup_logging()
-    args, pipeline_args = build_parser().parse_known_args(argv)
-    args.points = args.points or ([40, 100, 200, 400, 600] if args.part == "scaling" else [40])
-    Path(args.figures).mkdir(parents=True, exist_ok=True)
-    try:
+    def action():
+        args, pipeline_args = build_parser().parse_known_args(argv)
+        args.points = args.points or ([40, 100, 200, 400, 600] if args.part == "scaling" else [40])
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
         {"scaling": scaling, "sweep": sweep, "controls": controls, "summary": summary}[args.part](
             Study(args, pipeline_args), args)
-    except ie.ConfigError as e:
-        log.error("%s", e)
-        return 2
-    return 0
+
+    return ie.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
 
 
 if __name__ == "__main__":

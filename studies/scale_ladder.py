@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import introspection_experiment as ie  # noqa: E402
-from generalization_study import Study  # noqa: E402
+from generalization_study import Study, study_parser  # noqa: E402
 
 log = logging.getLogger("ladder")
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
@@ -104,31 +104,26 @@ def plot(result: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = study_parser(__doc__, runs="runs/ladder", figures="where scale_ladder.{png,json,md} go")
     parser.add_argument("--models", nargs="+", default=MODELS, help="aliases (or any --model value)")
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
-    parser.add_argument("--runs", default="runs/ladder", help="parent folder of the points' run directories")
-    parser.add_argument("--figures", default="figures", help="where scale_ladder.{png,json,md} go")
     return parser
 
 
 def main(argv=None) -> int:
-    ie.setup_logging()
-    args, pipeline_args = build_parser().parse_known_args(argv)
-    try:
+    def action():
+        args, pipeline_args = build_parser().parse_known_args(argv)
         for model in args.models:  # a missing package stops the ladder before any point runs
             ie.check_model_available(model)
         result = ladder(args, pipeline_args)
-    except ie.ConfigError as e:
-        log.error("%s", e)
-        return 2
-    figures = Path(args.figures)
-    figures.mkdir(parents=True, exist_ok=True)
-    ie.write_json(figures / "scale_ladder.json", result)
-    (figures / "scale_ladder.md").write_text(table(result))
-    plot(result, figures / "scale_ladder.png")
-    log.info("Scale ladder:\n%s", table(result))
-    return 0
+        figures = Path(args.figures)
+        figures.mkdir(parents=True, exist_ok=True)
+        ie.write_json(figures / "scale_ladder.json", result)
+        (figures / "scale_ladder.md").write_text(table(result))
+        plot(result, figures / "scale_ladder.png")
+        log.info("Scale ladder:\n%s", table(result))
+
+    return ie.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import introspection_experiment as ie  # noqa: E402
-from generalization_study import Study, protocol_name  # noqa: E402
+from generalization_study import Study, protocol_name, study_parser  # noqa: E402
 
 log = logging.getLogger("study")
 PROTOCOLS = {"paper": {}, "word-random-negatives": {"vector_token": "word", "random_negatives": 0.5}}
@@ -161,29 +161,23 @@ def plot_tradeoff(result: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = study_parser(__doc__)
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
     parser.add_argument("--points", nargs="+", default=None, help=(
         "REPLAY:KL:CONTINUE points (':neg' appended: the negatives under the KL term too); default: "
         f"{' '.join(DEFAULT_POINTS['paper'])} for the paper protocol, {' '.join(DEFAULT_POINTS['word-random-negatives'])} "
         "for word vectors + random negatives"))
-    parser.add_argument("--runs", default="runs/study", help="parent folder of the points' run directories")
-    parser.add_argument("--figures", default="figures", help="where the figure, JSON and table go")
     return parser
 
 
 def main(argv=None) -> int:
-    ie.setup_logging()
-    args, pipeline_args = build_parser().parse_known_args(argv)
-    args.points = {p: args.points or DEFAULT_POINTS[p] for p in args.protocols}
-    Path(args.figures).mkdir(parents=True, exist_ok=True)
-    try:
-        result = sweep(Study(args, pipeline_args), args)
-    except ie.ConfigError as e:
-        log.error("%s", e)
-        return 2
-    log.info("Trade-off table:\n%s", tradeoff_table(result))
-    return 0
+    def action():
+        args, pipeline_args = build_parser().parse_known_args(argv)
+        args.points = {p: args.points or DEFAULT_POINTS[p] for p in args.protocols}
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
+        log.info("Trade-off table:\n%s", tradeoff_table(sweep(Study(args, pipeline_args), args)))
+
+    return ie.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
 
 
 if __name__ == "__main__":
