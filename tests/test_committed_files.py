@@ -26,7 +26,9 @@ def test_readme_results_table_matches_committed_metrics():
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
     readme = (ROOT / "README.md").read_text()
     for name, table in (("results", ie.results_table(metrics)), ("safety", ie.safety_table(metrics["safety"]["results"])),
-                        ("capability", ie.capability_table(metrics["capability"]))):
+                        ("capability", ie.capability_table(metrics["capability"])),
+                        ("continue", ie.continue_table(metrics["continue"])),
+                        ("safety-ordinary", ie.ordinary_safety_table(metrics["safety"]["ordinary_use"]))):
         block = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", readme, re.S).group(1)
         assert block == table
 

@@ -175,7 +175,10 @@ def test_paper_tables_show_it_where_the_run_has_it_and_a_dash_where_not(tmp_path
     from conftest import ROOT, load_paper_tables
     pt = load_paper_tables()
     committed = json.loads((ROOT / "figures" / "metrics.json").read_text())
-    pt.write_paper_tables(committed, None, [], tmp_path / "old")
+    older = copy.deepcopy(committed)  # a run of a version without the control
+    for state in ("base", "finetuned"):
+        older["results"][state].pop("distractor", None)
+    pt.write_paper_tables(older, None, [], tmp_path / "old")
     old = (tmp_path / "old" / "macros.tex").read_text()
     assert "\\newcommand{\\runDistractorEcho}{---}" in old and "Wrong-concept" not in (
         tmp_path / "old" / "baseline_vs_finetuned.tex").read_text()
