@@ -2458,18 +2458,9 @@ def forward_backward(model, batch: dict, cfg: Config, autocast, scaler) -> torch
     cross-entropy, plus kl_weight x `kl_to_base`, whose no-grad base pass is part of the step and of its CUDA graph)."""
     with injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode), autocast:
         out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
-        loss = out.loss
-        if cfg.kl_weight and not skips_base_pass(batch):
-            loss = loss + cfg.kl_weight * kl_to_base(model, batch, out.logits)
+        loss = out.loss if not cfg.kl_weight else out.loss + cfg.kl_weight * kl_to_base(model, batch, out.logits)
     scaler.scale(loss / cfg.grad_accum).backward()
     return loss.detach()
-
-
-def skips_base_pass(batch: dict) -> bool:
-    """CPU speed-up: no base pass for a batch with no token under the KL term, where the term is exactly 0 (the
-    introspection batches, and every safety batch). On CUDA the pass always runs: the step is one CUDA graph, and the
-    test would cost a host sync."""
-    return batch["kl_mask"].device.type == "cpu" and not bool(batch["kl_mask"].any())
 
 
 def kl_to_base(peft_model, batch: dict, logits: torch.Tensor) -> torch.Tensor:
