@@ -15,8 +15,8 @@ One script, the paper's pipeline in the order it runs; each stage is a section o
       with a KL-to-base term);
    7. fine-tuned evaluation: the same trials on the adapter;
    8. capability benchmark: perplexity, agreement with the base model and KL on held-out ordinary prompts,
-      exact-answer accuracy and template leak, of the base and the fine-tuned model (with --continue-examples, also
-      report-then-continue on the held-out prompts);
+      exact-answer accuracy and template leak, of the base and the fine-tuned model, then report-then-continue on
+      the held-out prompts (trained for with --continue-examples or not);
    9. results and figures: metrics (JSON/CSV), results.md, per-trial records and figures;
   10. safety halt: a separate adapter that halts on harmful injected concepts, beside the base model and a probe.
 
@@ -329,7 +329,8 @@ class Config:
     continue_examples: float | None = field(default=None, metadata={"help": (
         "report-then-continue: RATIO x (introspection dataset size) examples on training-split ordinary prompts, half "
         "with a training concept injected (target: the report sentence, then the base model's own answer), half without "
-        "(the base answer alone); also evaluates report-then-continue on the held-out prompts; default by --recipe")})
+        "(the base answer alone); report-then-continue is evaluated on the held-out prompts in every run; default by "
+        "--recipe")})
     cuda_speedups: bool = field(default=True, metadata={"flag": "--no-cuda-speedups", "help": (
         "turn off the CUDA fast path (fused RMSNorm, rotary in the token layout, no cuDNN attention, CUDA graphs for "
         "decoding and training; see the last section of the script): CUDA then runs the CPU's code path")})
@@ -2018,6 +2019,8 @@ def distractor_trials(concepts: dict[str, list[str]], strengths: list[str], seed
                              "distractor": distractor, "question": DISTRACTOR_QUESTION.format(distractor=distractor)})
     echoes = {t["question"]: {"split": "distractor", "concept": None, "strength": None, "pool": "no-injection",
                               "distractor": t["distractor"], "question": t["question"]} for t in injected}
+    log.info("Wrong-concept prompt control: %d trials (%d injected at %s with another concept named, %d with nothing "
+             "injected)", len(injected) + len(echoes), len(injected), strength, len(echoes))
     return injected + list(echoes.values())
 
 
@@ -2140,12 +2143,6 @@ def run_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor],
         width = max(len(question_ids(q, tok, cfg.prompt_format)) for q in {t["question"] for t in trials})
         decoder = static_decoder(model, tok, cfg, max(len(batch) for _, batch in batches), width + cfg.max_new_tokens)
     log.info("Evaluating %s on the %s model: %d trials in %d batches", experiment, state, len(trials), len(batches))
-    distractors = [t for t in trials if t["split"] == "distractor"]
-    if distractors:
-        log.info("Wrong-concept prompt control: %d trials (%d injected at %s with another concept named, %d with "
-                 "nothing injected)", len(distractors), sum(t["concept"] is not None for t in distractors),
-                 next((t["strength"] for t in distractors if t["strength"]), "-"),
-                 sum(t["concept"] is None for t in distractors))
     for index, (sample, batch) in enumerate(progress(batches, f"eval {experiment} {state}")):
         vecs, alphas = injection_rows(batch, vectors, typical_norm)
         questions = [t["question"] for t in batch]
