@@ -83,15 +83,19 @@ def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
         elif stage == "replay_answers":
             row.update(items=len(load_from_disk(str(run_dir / stage))), unit="base answers")
         elif stage.startswith("eval_"):
-            _, experiment, state = stage.split("_", 2)
-            row.update(items=sum(t["experiment"] == experiment and t["state"] == state for t in trials),
-                       unit="generations" if state != "probe" else "probe trials")
+            row.update(items=eval_items(stage, trials),
+                       unit="probe trials" if stage.endswith("_probe") else "generations")
         else:
             row.update(items=(n_concepts if stage == "concept_vectors" else
                               sum(map(len, ie.SAFETY_CATEGORIES.values()))) + len(ie.BASELINE_WORDS), unit="prompts")
         row["items_per_s"] = row["items"] / row["seconds"]
         rows.append(row)
     return rows
+
+
+def eval_items(stage: str, trials: list[dict]) -> int:
+    """The trials an evaluation stage `eval_<experiment>_<state>` produced (experiment and state may hold '_')."""
+    return sum(stage == f"eval_{t['experiment']}_{t['state']}" for t in trials)
 
 
 def throughput(cfg: ie.Config, micro_batches: list[int]) -> list[dict]:

@@ -21,3 +21,10 @@ def test_a_split_row_says_so_in_its_table():
     split = {**row, "placement": {"num_devices": 2, "devices": {"cuda:0": {}, "cpu": {}}}}
     assert gb.split_note(split) == "; split over 2 devices (cuda:0, cpu)"
     assert gb.format_table(split).splitlines()[0].endswith("bfloat16; split over 2 devices (cuda:0, cpu)")
+
+
+def test_every_evaluation_stage_counts_its_own_trials():
+    trials = ([{"experiment": "safety", "state": "probe"}] * 3 + [{"experiment": "safety_ordinary", "state": "probe"}] * 2
+              + [{"experiment": "safety_ordinary", "state": "safety_adapter"}] * 5)
+    assert [gb.eval_items(f"eval_{name}", trials) for name in
+            ("safety_probe", "safety_ordinary_probe", "safety_ordinary_safety_adapter", "safety_safety_adapter")] == [3, 2, 5, 0]
