@@ -62,7 +62,8 @@ class Study:
             self.loaded = self.loaded or ie.load_model(cfg)
             metrics = ie.run(cfg, self.loaded)
         self.metrics = metrics
-        self.hardware.add(json.loads((Path(cfg.output_dir) / "environment.json").read_text())["gpu"] or "CPU")
+        self.last_hardware = json.loads((Path(cfg.output_dir) / "environment.json").read_text())["gpu"] or "CPU"
+        self.hardware.add(self.last_hardware)
         return metrics
 
     def describe(self) -> dict:

@@ -10,8 +10,10 @@ Protocols: `paper` (the paper's prompt-end vectors, norm-multiple strengths: the
 `word-random` (vectors read at the concept word's token, half the negatives carrying a norm-matched random
 direction). Base models without a chat template run in the paper prompt format like every model here. Any other flag
 goes to the pipeline (introspection_experiment.py --help), e.g. `--skip-safety` is always set here. Outputs go to
---figures: scale_ladder.{png,json,md}: held-out identification, random-vector detection, matched false positive and
-perplexity change of the fine-tuned model against the number of weights in matrix products, with Wilson 95% CIs.
+--figures: scale_ladder.{png,json,md}: held-out identification, random-vector detection, matched false positive,
+agreement with the base model's answers and perplexity change of the fine-tuned model against the number of weights in
+matrix products, with Wilson 95% CIs; the table adds seen success, the sampled controls' false positives, KL to the
+base, the exact-answer change, the hardware and the wall time (the run's stages, model loading excluded).
 """
 import argparse
 import logging
@@ -30,22 +32,25 @@ PROTOCOLS = {"paper": dict(vector_token="prompt-end", random_negatives=0.0),
 RATES = [("held-out identification", ("held-out", "all", "success")),
          ("random-vector 'detection'", ("random", "all", "detection")),
          ("matched false positive", ("matched_control", "false_positive"))]
+CONTEXT_RATES = [("seen success", ("seen", "all", "success")),
+                 ("sampled control false positive", ("control", "false_positive"))]
 
 
-def point(metrics: dict, model: str, protocol: str) -> dict:
-    """The ladder's numbers of one finished run: rates of the fine-tuned model and the perplexity change."""
-    result = metrics["results"]["finetuned"]
+def dig(tree: dict, keys: tuple):
+    for key in keys:
+        tree = tree[key]
+    return tree
 
-    def dig(keys):
-        value = result
-        for key in keys:
-            value = value[key]
-        return value
 
-    return {"model": model, "protocol": protocol, "label": ie.model_label(metrics["model"]),
+def point(metrics: dict, model: str, protocol: str, hardware: str) -> dict:
+    """The ladder's numbers of one finished run: rates of the fine-tuned model and its capability cost."""
+    result, capability = metrics["results"]["finetuned"], metrics["capability"]
+    return {"model": model, "protocol": protocol, "label": ie.model_label(metrics["model"]), "hardware": hardware,
             "matmul_weights": metrics["model"]["matmul_weights"], "random_weights": metrics["model"]["random_weights"],
-            **{name: dig(keys) for name, keys in RATES},
-            "perplexity change": metrics["capability"]["perplexity_change"],
+            **{name: dig(result, keys) for name, keys in RATES + CONTEXT_RATES},
+            "perplexity change": capability["perplexity_change"], "agreement with base": capability["agreement"],
+            "answer KL": capability["answer_kl"]["mean_per_token"],
+            "exact-answer change": capability["exact_answers"]["change"],
             "wall_s": round(sum(v for k, v in metrics["timings_s"].items() if not k.endswith("_peak_gib")), 1)}
 
 
@@ -57,47 +62,53 @@ def ladder(args, pipeline_args: list[str]) -> dict:
         for protocol in args.protocols:
             log.info("Ladder point %s / %s", model, protocol)
             metrics = study.run(f"{ie.model_slug(model)}/{protocol}", **PROTOCOLS[protocol])
-            points.append(point(metrics, model, protocol))
+            points.append(point(metrics, model, protocol, study.last_hardware))
         del study  # the model's memory goes before the next one loads
     return {"points": points, "protocols": {p: PROTOCOLS[p] for p in args.protocols},
             "pipeline_args": pipeline_args, "command": "python studies/scale_ladder.py " + " ".join(sys.argv[1:])}
 
 
 def table(result: dict) -> str:
-    """Markdown: one row per point."""
-    names = [name for name, _ in RATES]
-    lines = ["| model | protocol | weights (matmul) | " + " | ".join(names) + " | perplexity change | wall time |",
-             "|---|---|---|" + "---|" * (len(names) + 2)]
-    for p in result["points"]:
-        lines.append(f"| {p['label']}{' (RANDOM WEIGHTS)' * p['random_weights']} | {p['protocol']} | "
-                     f"{p['matmul_weights'] / 1e6:.0f}M | " + " | ".join(ie.pct(p[n]) for n in names)
-                     + f" | {100 * p['perplexity change']:+.0f}% | {p['wall_s'] / 60:.1f} min |")
-    return "\n".join(lines) + "\n"
+    """Markdown: one row per point; rates of the fine-tuned model (all strengths) with Wilson 95% CIs."""
+    names = [name for name, _ in CONTEXT_RATES[:1] + RATES + CONTEXT_RATES[1:]]
+    header = ["model", "protocol", "weights (matmul)", *names, "perplexity change", "agreement with base",
+              "KL (nats/token)", "exact answers", "hardware", "wall time"]
+    rows = [[p["label"] + " (RANDOM WEIGHTS)" * p["random_weights"], p["protocol"], f"{p['matmul_weights'] / 1e6:.0f}M",
+             *(ie.pct(p[n]) for n in names), f"{100 * p['perplexity change']:+.0f}%", ie.pct(p["agreement with base"]),
+             f"{p['answer KL']:.3f}", f"{100 * p['exact-answer change']:+.1f} pp", p["hardware"],
+             f"{p['wall_s'] / 60:.1f} min"] for p in result["points"]]
+    return ie.markdown_table(header, rows)
 
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [name for name, _ in RATES]
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 3.6))
+    panels = [name for name, _ in RATES] + ["agreement with base"]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4.2))
     for protocol in result["protocols"]:
         pts = sorted((p for p in result["points"] if p["protocol"] == protocol), key=lambda p: p["matmul_weights"])
         xs = [p["matmul_weights"] for p in pts]
-        for ax, name in zip(axes, names):
+        for ax, name in zip(axes, panels):
             rates = [p[name] for p in pts]
             ax.errorbar(xs, [r["rate"] for r in rates], yerr=ie.ci_err(rates), marker="o", capsize=3, label=protocol)
         axes[-1].plot(xs, [100 * p["perplexity change"] for p in pts], marker="o", label=protocol)
-    for ax, name in zip(axes, names + ["perplexity change (%)"]):
+    sizes = {p["matmul_weights"]: f"{p['label']}\n{p['matmul_weights'] / 1e6:.0f}M" for p in result["points"]}
+    for ax, name in zip(axes, panels + ["perplexity change (%)"]):
         ax.set_xscale("log")
+        ax.set_xticks(list(sizes), list(sizes.values()), fontsize=6, rotation=35, ha="right")
+        ax.minorticks_off()
         ax.set_xlabel("weights in matrix products")
         ax.set_title(name, fontsize=10)
     for ax in axes[:-1]:
         ax.set_ylim(-0.03, 1.03)
     axes[0].set_ylabel("rate (fine-tuned, all strengths; 95% Wilson CI)")
+    axes[-1].axhline(0, color="grey", lw=0.5)
     axes[-1].legend(fontsize=8)
-    labels = ", ".join(dict.fromkeys(p["label"] + " (RANDOM WEIGHTS)" * p["random_weights"] for p in result["points"]))
-    fig.suptitle(f"Scale ladder — {labels}", fontsize=10)
+    random = any(p["random_weights"] for p in result["points"])
+    hardware = ", ".join(sorted({p["hardware"] for p in result["points"]}))
+    fig.suptitle(f"Scale ladder{' (RANDOM WEIGHTS)' * random} — {hardware}; matched false positive: one greedy "
+                 "trial on the evaluation prompt per point", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -16,6 +16,7 @@ from conftest import ROOT, benchmark_results, load_paper_tables
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "studies"))
 import generalization_study as study  # noqa: E402
+import scale_ladder as ladder  # noqa: E402
 import tradeoff_study as tradeoff  # noqa: E402
 import gpu_benchmark as gb  # noqa: E402
 
@@ -276,6 +277,24 @@ def test_committed_study_outputs_agree_with_their_json_and_the_readme(tmp_path):
     sweep = json.loads((figures / "layer_strength_heatmap.json").read_text())
     assert [g["vector_token"] for g in sweep["grids"]] == ["prompt-end", "word"]
     assert all(len(row["held-out identification"]) == len(sweep["strengths"]) for g in sweep["grids"] for row in g["rows"])
+
+
+def test_committed_scale_ladder_agrees_with_its_runs_and_the_readme():
+    """figures/scale_ladder.*: every point is what the study makes of its committed run files, on all four aliases
+    and both protocols; the table is the JSON's, and the README shows it unchanged."""
+    figures = ROOT / "figures"
+    result = json.loads((figures / "scale_ladder.json").read_text())
+    assert ladder.table(result) == (figures / "scale_ladder.md").read_text()
+    block = re.search(r"<!-- ladder:start -->\n(.*?)<!-- ladder:end -->", (ROOT / "README.md").read_text(), re.S)
+    assert block.group(1) == (figures / "scale_ladder.md").read_text()
+    assert {(p["label"], p["protocol"]) for p in result["points"]} == {(m, protocol) for m in ladder.MODELS
+                                                                       for protocol in ladder.PROTOCOLS}
+    for point in result["points"]:
+        run = figures / "scale_ladder_runs" / ie.model_slug(point["model"]) / point["protocol"]
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["status"] == "complete" and not point["random_weights"]
+        hardware = json.loads((run / "environment.json").read_text())["gpu"] or "CPU"
+        assert ladder.point(metrics, point["model"], point["protocol"], hardware) == point
 
 
 def notebook_code() -> list[str]:

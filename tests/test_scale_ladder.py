@@ -30,6 +30,8 @@ def test_the_ladder_runs_and_resumes_without_loading_a_model(tmp_path, monkeypat
     (point,) = first["points"]
     assert (point["model"], point["protocol"], point["random_weights"]) == ("random:tiny", "paper", True)
     assert point["matched false positive"]["n"] == 1 and point["held-out identification"]["n"] == 8
+    assert point["sampled control false positive"]["n"] == 2 and point["hardware"] == "CPU"
+    assert point["agreement with base"]["n"] == len(ie.ordinary_prompts()["heldout"])
     assert "| random:tiny (RANDOM WEIGHTS) | paper |" in (tmp_path / "fig" / "scale_ladder.md").read_text()
     monkeypatch.setattr(ie, "load_model", lambda cfg: pytest.fail("a finished point was recomputed"))
     assert scale_ladder.main(args) == 0
