@@ -37,6 +37,7 @@ CONTEXT_RATES = [("seen success", ("seen", "all", "success")),
 
 
 def dig(tree: dict, keys: tuple):
+    """The value at a path of keys in nested dicts."""
     for key in keys:
         tree = tree[key]
     return tree
