@@ -2669,9 +2669,10 @@ def answer_kl(peft_model, tok, questions: list[str], answers: list[list[int]], c
         ids, mask, _, length = teacher_forced_layout(tok, batch, targets, cfg)
         inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
                       position_ids=position_ids(mask).to(device), use_cache=False, logits_to_keep=length + 1)
-        tuned = peft_model(**inputs).logits[:, :-1]
-        with peft_model.disable_adapter():
-            base = peft_model(**inputs).logits[:, :-1]
+        with contiguous_lm_head(peft_model):
+            tuned = peft_model(**inputs).logits[:, :-1]
+            with peft_model.disable_adapter():
+                base = peft_model(**inputs).logits[:, :-1]
         per_token = kl_divergence(base, tuned).cpu()
         out += [[float(per_token[b, :len(a)].sum()), len(a)] for b, a in enumerate(answers[i:i + cfg.eval_batch_size])]
     return out

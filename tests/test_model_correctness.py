@@ -77,6 +77,21 @@ def test_generate_runs_the_lm_head_on_contiguous_last_positions(tiny, tok):
     assert not tiny.get_output_embeddings()._forward_pre_hooks
 
 
+def test_answer_kl_runs_the_lm_head_on_contiguous_answer_positions(tiny, tok):
+    """The teacher-forced KL pass keeps the answer positions (logits_to_keep) on a contiguous copy, with and without
+    the adapter."""
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=2, target_modules=["q_proj"]))
+    seen = []
+    handle = ie.unwrap(model).get_output_embeddings().register_forward_hook(
+        lambda m, args, out: seen.append((args[0].shape[1], args[0].is_contiguous())))
+    try:
+        ie.answer_kl(model, tok, ["Hi.", "A much longer question than the first one?"], [[5, 6], [7]], ie.Config(layer=2))
+    finally:
+        handle.remove()
+    assert seen == [(3, True)] * 2 and not ie.unwrap(model).get_output_embeddings()._forward_pre_hooks
+
+
 def save_base_model_folder(tok, folder):
     """A local folder: random tiny weights and the embedded tokenizer without its chat template (a base model)."""
     base = copy.deepcopy(tok)
