@@ -1747,8 +1747,8 @@ def read_activations(model, tok, words: list[str], layer: int, prompt_format: st
         texts = [format_prompt(EXTRACTION_QUESTION.format(word=w), tok, prompt_format) for w in chunk]
         seqs = [encode(t, tok, prompt_format) for t in texts]
         ids, mask = pad_left(seqs, tok.pad_token_id)
-        with capture_residual(model, layer) as captured:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        with capture_residual(model, layer) as captured, contiguous_lm_head(model):  # only layer L is read
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
         hidden = captured[0].float().cpu()
         for b, (text, word, seq) in enumerate(zip(texts, chunk, seqs)):
             pad = ids.shape[1] - len(seq)
@@ -3206,8 +3206,9 @@ def probe_features(model, tok, trials: list[dict], vectors: dict[str, torch.Tens
         ids, mask = pad_left(seqs, tok.pad_token_id)
         vecs, alphas = injection_rows(batch, vectors, typical_norm)
         end = torch.full((len(batch),), ids.shape[1] - 1)
-        with injection(model, cfg.layer, vecs, alphas, end, "final-token"), capture_residual(model, cfg.layer) as cap:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        with (injection(model, cfg.layer, vecs, alphas, end, "final-token"), capture_residual(model, cfg.layer) as cap,
+              contiguous_lm_head(model)):  # only layer L is read
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
         feats.append(cap[0][:, -1].float().cpu())
     return torch.cat(feats)
 

@@ -77,6 +77,21 @@ def test_generate_runs_the_lm_head_on_contiguous_last_positions(tiny, tok):
     assert not tiny.get_output_embeddings()._forward_pre_hooks
 
 
+def test_activation_reads_run_the_lm_head_on_one_contiguous_position(tiny, tok):
+    """Concept vectors and the probe read layer L only: the LM head sees one position per row, contiguous."""
+    seen = []
+    handle = tiny.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: seen.append((args[0].shape[1], args[0].is_contiguous())))
+    try:
+        cfg = ie.Config(layer=2)
+        ie.read_activations(tiny, tok, ["fire", "ocean"], 2, "paper", "prompt-end")
+        trials = [{"question": q, "concept": None, "strength": None} for q in ("Hi.", "A much longer question?")]
+        ie.probe_features(tiny, tok, trials, {"fire": torch.zeros(tiny.config.hidden_size)}, 1.0, cfg)
+    finally:
+        handle.remove()
+    assert seen == [(1, True)] * 2 and not tiny.get_output_embeddings()._forward_pre_hooks
+
+
 def test_answer_kl_runs_the_lm_head_on_contiguous_answer_positions(tiny, tok):
     """The teacher-forced KL pass keeps the answer positions (logits_to_keep) on a contiguous copy, with and without
     the adapter."""
