@@ -1723,6 +1723,15 @@ def capture_residual(model, layer: int):
         handle.remove()
 
 
+def residual_at(model, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The residual stream entering block `layer` for a left-padded batch: one forward pass, whose LM head runs on the
+    last position only (contiguous), as nothing past layer L is read."""
+    device = input_device(model)
+    with capture_residual(model, layer) as captured, contiguous_lm_head(model):
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
+    return captured[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Stage 3: concept vectors (paper §3.2)
 
@@ -1738,7 +1747,6 @@ def word_token_index(text: str, word: str, tok, prompt_format: str) -> int:
 def read_activations(model, tok, words: list[str], layer: int, prompt_format: str, vector_token: str,
                      batch_size: int = 32) -> tuple[torch.Tensor, list[float]]:
     """Layer-L activations of 'Tell me about {w}.' at the vector token, and the norms of all non-sink positions."""
-    device = input_device(model)
     rows, norms = [], []
     log.info("Reading layer-%d activations of %d prompts (%s format, %s token)", layer, len(words), prompt_format,
              vector_token)
@@ -1747,9 +1755,7 @@ def read_activations(model, tok, words: list[str], layer: int, prompt_format: st
         texts = [format_prompt(EXTRACTION_QUESTION.format(word=w), tok, prompt_format) for w in chunk]
         seqs = [encode(t, tok, prompt_format) for t in texts]
         ids, mask = pad_left(seqs, tok.pad_token_id)
-        with capture_residual(model, layer) as captured, contiguous_lm_head(model):  # only layer L is read
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
-        hidden = captured[0].float().cpu()
+        hidden = residual_at(model, layer, ids, mask).float().cpu()
         for b, (text, word, seq) in enumerate(zip(texts, chunk, seqs)):
             pad = ids.shape[1] - len(seq)
             pos = len(seq) - 1 if vector_token == "prompt-end" else word_token_index(text, word, tok, prompt_format)
@@ -3198,7 +3204,6 @@ def build_safety_trials(strengths: list[str], cfg: Config) -> list[dict]:
 def probe_features(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float,
                    cfg: Config) -> torch.Tensor:
     """Layer-L activation at the last prompt token with each trial's vector injected (what the model itself sees)."""
-    device = input_device(model)
     feats = []
     for i in range(0, len(trials), cfg.eval_batch_size):
         batch = trials[i:i + cfg.eval_batch_size]
@@ -3206,10 +3211,8 @@ def probe_features(model, tok, trials: list[dict], vectors: dict[str, torch.Tens
         ids, mask = pad_left(seqs, tok.pad_token_id)
         vecs, alphas = injection_rows(batch, vectors, typical_norm)
         end = torch.full((len(batch),), ids.shape[1] - 1)
-        with (injection(model, cfg.layer, vecs, alphas, end, "final-token"), capture_residual(model, cfg.layer) as cap,
-              contiguous_lm_head(model)):  # only layer L is read
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
-        feats.append(cap[0][:, -1].float().cpu())
+        with injection(model, cfg.layer, vecs, alphas, end, "final-token"):
+            feats.append(residual_at(model, cfg.layer, ids, mask)[:, -1].float().cpu())
     return torch.cat(feats)
 
 

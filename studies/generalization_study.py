@@ -43,6 +43,11 @@ def protocol_name(vector_token: str, random_negatives: float) -> str:
     return f"{vector_token} vectors" + (f", {random_negatives:g} random negatives" if random_negatives else "")
 
 
+def hardware_of(run_dir: Path) -> str:
+    """The GPU a finished run used, from its environment.json, or 'CPU'."""
+    return json.loads((run_dir / "environment.json").read_text())["gpu"] or "CPU"
+
+
 class Study:
     """Runs points of the study with one shared model (loaded on first need); each point is resumable in its own
     directory, and a finished point (a complete run of the same config and inputs) is read back without loading
@@ -62,7 +67,7 @@ class Study:
             self.loaded = self.loaded or ie.load_model(cfg)
             metrics = ie.run(cfg, self.loaded)
         self.metrics = metrics
-        self.last_hardware = json.loads((Path(cfg.output_dir) / "environment.json").read_text())["gpu"] or "CPU"
+        self.last_hardware = hardware_of(Path(cfg.output_dir))
         self.hardware.add(self.last_hardware)
         return metrics
 

@@ -29,11 +29,12 @@ log = logging.getLogger("ladder")
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 PROTOCOLS = {"paper": dict(vector_token="prompt-end", random_negatives=0.0),
              "word-random": dict(vector_token="word", random_negatives=0.5)}
-RATES = [("held-out identification", ("held-out", "all", "success")),
+RATES = [("seen success", ("seen", "all", "success")),  # the table's rate columns, in order
+         ("held-out identification", ("held-out", "all", "success")),
          ("random-vector 'detection'", ("random", "all", "detection")),
-         ("matched false positive", ("matched_control", "false_positive"))]
-CONTEXT_RATES = [("seen success", ("seen", "all", "success")),
-                 ("sampled control false positive", ("control", "false_positive"))]
+         ("matched false positive", ("matched_control", "false_positive")),
+         ("sampled control false positive", ("control", "false_positive"))]
+PANELS = ["held-out identification", "random-vector 'detection'", "matched false positive", "agreement with base"]
 
 
 def dig(tree: dict, keys: tuple):
@@ -48,7 +49,7 @@ def point(metrics: dict, model: str, protocol: str, hardware: str) -> dict:
     result, capability = metrics["results"]["finetuned"], metrics["capability"]
     return {"model": model, "protocol": protocol, "label": ie.model_label(metrics["model"]), "hardware": hardware,
             "matmul_weights": metrics["model"]["matmul_weights"], "random_weights": metrics["model"]["random_weights"],
-            **{name: dig(result, keys) for name, keys in RATES + CONTEXT_RATES},
+            **{name: dig(result, keys) for name, keys in RATES},
             "perplexity change": capability["perplexity_change"], "agreement with base": capability["agreement"],
             "answer KL": capability["answer_kl"]["mean_per_token"],
             "exact-answer change": capability["exact_answers"]["change"],
@@ -71,7 +72,7 @@ def ladder(args, pipeline_args: list[str]) -> dict:
 
 def table(result: dict) -> str:
     """Markdown: one row per point; rates of the fine-tuned model (all strengths) with Wilson 95% CIs."""
-    names = [name for name, _ in CONTEXT_RATES[:1] + RATES + CONTEXT_RATES[1:]]
+    names = [name for name, _ in RATES]
     header = ["model", "protocol", "weights (matmul)", *names, "perplexity change", "agreement with base",
               "KL (nats/token)", "exact answers", "hardware", "wall time"]
     rows = [[p["label"] + " (RANDOM WEIGHTS)" * p["random_weights"], p["protocol"], f"{p['matmul_weights'] / 1e6:.0f}M",
@@ -85,17 +86,16 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [name for name, _ in RATES] + ["agreement with base"]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4.2))
+    fig, axes = plt.subplots(1, len(PANELS) + 1, figsize=(4 * (len(PANELS) + 1), 4.2))
     for protocol in result["protocols"]:
         pts = sorted((p for p in result["points"] if p["protocol"] == protocol), key=lambda p: p["matmul_weights"])
         xs = [p["matmul_weights"] for p in pts]
-        for ax, name in zip(axes, panels):
+        for ax, name in zip(axes, PANELS):
             rates = [p[name] for p in pts]
             ax.errorbar(xs, [r["rate"] for r in rates], yerr=ie.ci_err(rates), marker="o", capsize=3, label=protocol)
         axes[-1].plot(xs, [100 * p["perplexity change"] for p in pts], marker="o", label=protocol)
     sizes = {p["matmul_weights"]: f"{p['label']}\n{p['matmul_weights'] / 1e6:.0f}M" for p in result["points"]}
-    for ax, name in zip(axes, panels + ["perplexity change (%)"]):
+    for ax, name in zip(axes, PANELS + ["perplexity change (%)"]):
         ax.set_xscale("log")
         ax.set_xticks(list(sizes), list(sizes.values()), fontsize=6, rotation=35, ha="right")
         ax.minorticks_off()

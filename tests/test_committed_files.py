@@ -293,8 +293,7 @@ def test_committed_scale_ladder_agrees_with_its_runs_and_the_readme():
         run = figures / "scale_ladder_runs" / ie.model_slug(point["model"]) / point["protocol"]
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["status"] == "complete" and not point["random_weights"]
-        hardware = json.loads((run / "environment.json").read_text())["gpu"] or "CPU"
-        assert ladder.point(metrics, point["model"], point["protocol"], hardware) == point
+        assert ladder.point(metrics, point["model"], point["protocol"], study.hardware_of(run)) == point
 
 
 def notebook_code() -> list[str]:
