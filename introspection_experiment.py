@@ -2415,22 +2415,27 @@ def tokenize_examples(dataset, tok, prompt_format: str, kl_negatives: bool = Fal
 
 
 def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float, pad_id: int,
-            shape: tuple[int, int] | None = None) -> dict:
-    """Right-padded teacher-forced batch; loss on completion + EOS only; injection at each row's last prompt token.
-    Right padding needs no attention mask: under causal attention no real token sees the pads after it. `shape`
-    (rows, width) pads to a fixed shape with extra all-padding rows that carry no loss and no injection."""
+            shape: tuple[int, int] | None = None, positions: int | None = None) -> dict:
+    """Right-padded teacher-forced batch, injection at each row's last prompt token. The loss positions: `where`
+    indexes the flattened [rows * width] positions whose next token is a completion token (completion + EOS),
+    `targets` holds those tokens and `kl` marks the rows' under the KL term. Right padding needs no attention mask:
+    under causal attention no real token sees the pads after it. `shape` (rows, width) pads to a fixed shape with
+    extra all-padding rows; `positions` pads the loss positions to a fixed count with entries that carry no loss
+    (position 0, target -100, no KL): a CUDA graph replays on fixed shapes."""
     rows, width = shape or (len(batch), max(len(e["prompt"]) + len(e["completion"]) for e in batch))
     ids = torch.full((rows, width), pad_id)
-    labels = torch.full((rows, width), -100)
-    kl_mask = torch.zeros((rows, width), dtype=torch.bool)  # the completion tokens of rows under the KL term
+    where, targets, kl = [], [], []
     for b, e in enumerate(batch):
         seq = e["prompt"] + e["completion"]
         ids[b, :len(seq)] = torch.tensor(seq)
-        labels[b, len(e["prompt"]):len(seq)] = torch.tensor(e["completion"])
-        kl_mask[b, len(e["prompt"]):len(seq)] = e.get("kl", False)
+        where += range(b * width + len(e["prompt"]) - 1, b * width + len(seq) - 1)  # logits at t predict t + 1
+        targets += e["completion"]
+        kl += [e.get("kl", False)] * len(e["completion"])
+    extra = (positions or len(where)) - len(where)
     padding = rows - len(batch)
     vecs, alphas = injection_rows(batch, vectors, typical_norm, padding)
-    return {"input_ids": ids, "labels": labels, "kl_mask": kl_mask, "vectors": vecs, "alphas": alphas,
+    return {"input_ids": ids, "where": torch.tensor(where + [0] * extra), "targets": torch.tensor(targets + [-100] * extra),
+            "kl": torch.tensor(kl + [False] * extra), "vectors": vecs, "alphas": alphas,
             "prompt_end": torch.tensor([len(e["prompt"]) - 1 for e in batch] + [0] * padding)}
 
 
@@ -2456,25 +2461,60 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def forward_backward(model, batch: dict, cfg: Config, autocast, scaler) -> torch.Tensor:
-    """One micro-batch: forward with the injection, backward of loss / grad_accum; returns the detached loss (the report
-    cross-entropy, plus kl_weight x `kl_to_base`, whose no-grad base pass is part of the step and of its CUDA graph)."""
-    with injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode), autocast:
-        out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
-        loss = out.loss if not cfg.kl_weight else out.loss + cfg.kl_weight * kl_to_base(model, batch, out.logits)
+def batch_layouts(examples: list[dict], under_kl: list[bool], batch_size: int) -> dict[bool, tuple[tuple[int, int], int]]:
+    """The fixed layouts of the CUDA fast path's training batches, keyed by whether a batch holds an example under the
+    KL term: (shape, loss positions) for `collate`, fitting any batch of that kind (with such an example: any
+    examples; without: only the others). Short introspection batches then replay a narrower graph than the long
+    replay ones, and one without the base pass."""
+    def layout(group: list[dict]) -> tuple[tuple[int, int], int]:
+        return ((batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in group)),
+                batch_size * max(len(e["completion"]) for e in group))
+
+    plain = [e for e, kl in zip(examples, under_kl) if not kl]
+    return {**({False: layout(plain)} if plain else {}), **({True: layout(examples)} if any(under_kl) else {})}
+
+
+def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, kl: bool = True) -> torch.Tensor:
+    """One micro-batch: forward with the injection, the LM head at the loss positions only, backward of
+    loss / grad_accum; returns the detached loss: the report cross-entropy (mean over the batch's targets), plus
+    kl_weight x `kl_to_base` when `kl` (a batch with no token under the KL term passes False: the term is 0 there, and
+    its no-grad base pass, part of the step and of its CUDA graph, is skipped)."""
+    with (injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode),
+          lm_head_at(model, batch["where"]), autocast):
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["targets"].to(logits.device), ignore_index=-100)
+        if cfg.kl_weight and kl:
+            loss = loss + cfg.kl_weight * kl_to_base(model, batch, logits)
     scaler.scale(loss / cfg.grad_accum).backward()
     return loss.detach()
 
 
+@contextmanager
+def lm_head_at(model, where: torch.Tensor):
+    """The LM head computes logits only at `where`, indices into the flattened [batch * seq] positions of its input:
+    the model's logits come out [1, len(where), vocab] (whatever follows the head in the model's forward, such as
+    Gemma's soft-capping, applies unchanged). Training needs them at the completion positions only: the head and the
+    float32 softmax over the vocabulary at every prompt and padding position were ~20% of a CPU training step."""
+    def gather(module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, where.to(hidden.device))[None], *args[1:])
+
+    handle = unwrap(model).get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def kl_to_base(peft_model, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-    """Mean KL(base ‖ adapter) of the next-token distributions that predict the batch's kl_mask tokens (0 when there
-    are none). The base distribution: the same peft model under disable_adapter(), no grad, on the same inputs and
-    under the caller's injection (the hook edits every full-length forward call alike); `logits` are the adapter's.
+    """Mean KL(base ‖ adapter) of the next-token distributions at the batch's loss positions marked `kl` (0 when there
+    are none). The base distribution: the same peft model under disable_adapter(), no grad, on the same inputs, under
+    the caller's injection and LM-head positions (hooks edit every forward call alike); `logits` are the adapter's.
     Masked sums, no boolean indexing: no host sync, so a CUDA graph can hold it."""
     with torch.no_grad(), peft_model.disable_adapter():
-        base = peft_model(input_ids=batch["input_ids"], use_cache=False).logits
-    weight = batch["kl_mask"][:, 1:].to(logits.device).float()  # the logits at t predict the token at t + 1
-    return (kl_divergence(base[:, :-1], logits[:, :-1]) * weight).sum() / weight.sum().clamp(min=1)
+        base = peft_model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+    weight = batch["kl"].to(logits.device).float()
+    return (kl_divergence(base, logits) * weight).sum() / weight.sum().clamp(min=1)
 
 
 def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_norm: float, cfg: Config,
@@ -2483,8 +2523,8 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     After each epoch, on_epoch (if given) receives {epoch, steps, mean_loss, seconds}: the epoch's wall time, from
     its batches' collation to its losses read back. On CUDA: autocast in the model's dtype (a gradient scaler for
     fp16), batches moved to the GPU before each epoch and losses read back once per epoch, so the host never waits on
-    the GPU inside the loop; with the CUDA fast path, batches padded to one shape and the forward+backward step
-    replayed from a CUDA graph (GraphedStep; eager if capture fails). 4-bit models train the same way: no gradient
+    the GPU inside the loop; with the CUDA fast path, batches padded to the fixed layout of their kind (batch_layouts)
+    and the forward+backward step replayed from that layout's CUDA graph (GraphedStep; eager if capture fails). 4-bit models train the same way: no gradient
     checkpointing, as the activations of these short sequences are small (~1 GB at batch 4 for a 7B)."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(cfg.seed)
@@ -2503,9 +2543,24 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     examples = tokenize_examples(dataset, tok, cfg.prompt_format, cfg.kl_negatives)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     fast = fast_path_on(model, cfg)
-    shape = (cfg.batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in examples)) if fast else None
-    eager = lambda batch: forward_backward(peft_model, batch, cfg, autocast, scaler)  # noqa: E731
-    step_fn, graphed = None, False
+    under_kl = [bool(cfg.kl_weight) and e["kl"] for e in examples]
+    layouts = batch_layouts(examples, under_kl, cfg.batch_size) if fast else {}
+
+    def batch_of(idx: list[int]) -> tuple[bool, dict]:
+        """(whether the batch holds an example under the KL term, its collated tensors on the device)"""
+        kl = any(under_kl[i] for i in idx)
+        return kl, {k: v.to(device) for k, v in collate([examples[i] for i in idx], vectors, typical_norm,
+                                                         tok.pad_token_id, *layouts.get(kl, (None, None))).items()}
+
+    step_fns = {kl: functools.partial(forward_backward, peft_model, cfg=cfg, autocast=autocast, scaler=scaler, kl=kl)
+                for kl in (False, True)}
+    graphed = False
+    if fast:  # one CUDA graph per layout, captured before the first step (their warm-up gradients are then dropped)
+        for kl in layouts:
+            step_fns[kl], on_graph = graphed_or_eager(step_fns[kl], batch_of(
+                [i for i, k in enumerate(under_kl) if k == kl][:cfg.batch_size])[1])
+            graphed |= on_graph
+        optimizer.zero_grad(set_to_none=not graphed)
     losses = []
     peft_model.train()
     steps = math.ceil(len(examples) / cfg.batch_size)
@@ -2515,17 +2570,10 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     with lora_input_casting_skipped(peft_model, fast):
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
-            batches = [{k: v.to(device) for k, v in collate([examples[i] for i in idx], vectors, typical_norm,
-                                                             tok.pad_token_id, shape).items()}
-                       for idx in length_bucketed_batches(examples, cfg.batch_size, order_gen)]
-            if step_fn is None:
-                step_fn = eager
-                if fast:
-                    step_fn, graphed = graphed_or_eager(eager, batches[0])
-                    optimizer.zero_grad(set_to_none=not graphed)  # drop the warm-up gradients
+            batches = [batch_of(idx) for idx in length_bucketed_batches(examples, cfg.batch_size, order_gen)]
             step_losses, pending = [], []
-            for step, batch in enumerate(batches):
-                pending.append(step_fn(batch))
+            for step, (kl, batch) in enumerate(batches):
+                pending.append(step_fns[kl](batch))
                 if len(pending) == cfg.grad_accum or step == len(batches) - 1:  # no gradient is dropped at epoch end
                     scaler.step(optimizer)
                     scaler.update()

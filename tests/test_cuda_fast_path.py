@@ -120,8 +120,9 @@ def lora_batches(tok, model, count):
     width = max(len(e["prompt"]) + len(e["completion"]) for e in examples)
     hidden = model.config.hidden_size
     vectors = {"fire": torch.ones(hidden) / hidden ** 0.5}
+    positions = 4 * max(len(e["completion"]) for e in examples)
     return [{k: v.cuda() for k, v in ie.collate(examples[4 * i:4 * i + 3 + i % 2], vectors, 1.0, tok.pad_token_id,
-                                                 shape=(4, width)).items()} for i in range(count)]
+                                                 shape=(4, width), positions=positions).items()} for i in range(count)]
 
 
 @pytest.mark.cuda
@@ -159,22 +160,32 @@ def test_graphed_training_step_equals_eager_forward_backward(tok):
 
 
 @pytest.mark.cuda
-def test_fast_path_training_gives_the_eager_losses(tok):
-    """train_lora on the fast path (fixed-shape padding, CUDA graph, peft's input casting skipped) and with
-    --no-cuda-speedups: the same loss at every optimizer step, to float32 rounding."""
+@pytest.mark.parametrize("kl_weight", [0.0, 4.0], ids=["report-only", "replay-and-KL"])
+def test_fast_path_training_gives_the_eager_losses(tok, kl_weight, monkeypatch):
+    """train_lora on the fast path (fixed layouts, CUDA graphs, peft's input casting skipped) and with
+    --no-cuda-speedups: the same loss at every optimizer step, to float32 rounding. With replay rows under the KL
+    term the fast path captures two graphs (batches with and without a KL token; batch_layouts)."""
     rows = [{"question": q, "completion": ie.POSITIVE_COMPLETION.format(concept=c), "concept": c, "strength": "1x"}
             for q, c in zip(ie.DETECTION_QUESTIONS, ["fire", "ocean", "king", "storm", "fire"])]
     rows += [{"question": q, "completion": ie.NEGATIVE_COMPLETION, "concept": "", "strength": ""}
              for q in ie.DETECTION_QUESTIONS]
+    if kl_weight:
+        answers = [{"question": q, "answer": "", "answer_ids": [100 + i, 200 + i, 300 + i, tok.eos_token_id]}
+                   for i, q in enumerate(["How do I boil an egg?", "Name a planet.", "Write a haiku about rain."])]
+        rows = ie.training_set(rows, ie.replay_rows(answers, 5))
     gen = torch.Generator().manual_seed(0)
     vectors = {c: v / v.norm() for c, v in zip(["fire", "ocean", "king", "storm"], torch.randn(4, 64, generator=gen))}
+    graphs, real = [], ie.GraphedStep
+    monkeypatch.setattr(ie, "GraphedStep", lambda *a, **k: graphs.append(1) or real(*a, **k))
     losses = []
     for speedups in (True, False):
-        cfg = ie.Config(layer=2, epochs=2, batch_size=3, lora_rank=4, lora_dropout=0.0, cuda_speedups=speedups)
+        cfg = ie.Config(layer=2, epochs=2, batch_size=3, lora_rank=4, lora_dropout=0.0, cuda_speedups=speedups,
+                        kl_weight=kl_weight)
         model = cuda_tiny(tok)
         with ie.cuda_fast_path(model, cfg):
             _, log = ie.train_lora(model, tok, rows, vectors, 20.0, cfg)
         losses.append([step["loss"] for step in log])
+    assert len(graphs) == (2 if kl_weight else 1)
     # autocast runs both in bf16 and the padded shapes take other kernels: equal to bf16 rounding, tighter at step 0
-    assert len(losses[0]) == 2 * 4 and losses[0][0] == pytest.approx(losses[1][0], rel=5e-3)
+    assert len(losses[0]) == 2 * -(-len(rows) // 3) and losses[0][0] == pytest.approx(losses[1][0], rel=5e-3)
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)

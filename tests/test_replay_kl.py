@@ -38,8 +38,9 @@ def negative_and_replay_batch(tok):
 
 
 def adapter_kl(peft_model, batch, cfg=CFG):
-    with ie.injection(peft_model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"]), torch.no_grad():
-        logits = peft_model(input_ids=batch["input_ids"], use_cache=False).logits
+    with (ie.injection(peft_model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"]),
+          ie.lm_head_at(peft_model, batch["where"]), torch.no_grad()):
+        logits = peft_model(input_ids=batch["input_ids"], use_cache=False).logits[0]
         return float(ie.kl_to_base(peft_model, batch, logits))
 
 
@@ -48,7 +49,7 @@ def adapter_kl(peft_model, batch, cfg=CFG):
 def test_kl_is_zero_for_a_fresh_or_disabled_adapter_and_positive_after_one_step(tok):
     peft_model = fresh_lora(make_tiny(tok))
     batch, examples = negative_and_replay_batch(tok)
-    assert batch["kl_mask"].sum() == len(examples[1]["completion"]) + len(examples[2]["completion"])
+    assert batch["kl"].sum() == len(examples[1]["completion"]) + len(examples[2]["completion"])
     assert adapter_kl(peft_model.eval(), batch) == 0.0  # LoRA B = 0: the adapter is the base model exactly
 
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
@@ -60,7 +61,7 @@ def test_kl_is_zero_for_a_fresh_or_disabled_adapter_and_positive_after_one_step(
     assert adapter_kl(peft_model, batch) > 1e-4
     with peft_model.disable_adapter():
         assert adapter_kl(peft_model, batch) == 0.0
-    none = {**batch, "kl_mask": torch.zeros_like(batch["kl_mask"])}
+    none = {**batch, "kl": torch.zeros_like(batch["kl"])}
     assert adapter_kl(peft_model, none) == 0.0  # no token under the term: 0, not NaN
     peft_model.unload()
 
