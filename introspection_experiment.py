@@ -319,7 +319,9 @@ class Config:
         f"{ORDINARY_PROMPTS_FILE.name}, answered once by the base model itself (greedy, no injection; cached in the run "
         "directory), mixed into training with the loss on the answer tokens (+EOS where the base answer ended); "
         "default by --recipe")})
-    replay_tokens: int = field(default=48, metadata={"help": "greedy tokens per base-model answer used for replay and --continue-examples"})
+    replay_tokens: int = field(default=24, metadata={"help": (
+        "greedy tokens per base-model answer used for replay and --continue-examples (the capability benchmark compares "
+        f"{CAPABILITY_TOKENS})")})
     kl_weight: float | None = field(default=None, metadata={"help": (
         "lambda: adds lambda x KL(base || adapter) of the next-token distributions on the answers of ordinary prompts "
         "without injection (replay, report-then-continue) to the report loss; the base is the same model with the "
