@@ -7,6 +7,8 @@ safety stage), then measures steady-state LoRA training throughput at micro-batc
 capture and warm-up). Prints a table per stage (items, seconds, items/s, training tokens/s, MFU, peak GPU memory) and
 writes it as JSON. Process setup (imports, CUDA library initialisation) and model creation are timed and reported but
 not part of the total; the capability-retention stages are timed but listed apart (not in the paper's workload).
+Any other flag goes to the pipeline (`--recipe paper`, `--replay 0.5`, ...); the default is the pipeline's default
+recipe. The training rows count every example trained on (introspection, replay and report-then-continue rows).
 
 FLOP count: LoRA training costs 4·N + 6·L FLOPs per real (non-padding) token: each of the N frozen weights in
 matrix products (decoder linears + LM head = 6.49e9 for DeepSeek-7B) does 2 in the forward pass and 2 in the
@@ -61,22 +63,35 @@ def flops_per_token(model, cfg: ie.Config) -> int:
     return 4 * ie.matmul_weights(model) + 6 * lora
 
 
+def trained_examples(run_dir: Path, cfg: ie.Config, tok, stage: str) -> list[dict]:
+    """The examples a training stage trained on, tokenized: the safety dataset, or the introspection dataset with the
+    run's replay and report-then-continue rows (rebuilt from the cached base answers, as the run built them)."""
+    from datasets import load_from_disk
+    if stage == "safety_train":
+        return ie.tokenize_examples(load_from_disk(str(run_dir / "safety_dataset")), tok, cfg.prompt_format)
+    dataset = load_from_disk(str(run_dir / "dataset"))
+    counts = json.loads((run_dir / "metrics.json").read_text())["settings"]["language_modelling"]
+    answers = list(load_from_disk(str(run_dir / "replay_answers"))) if (run_dir / "replay_answers").exists() else []
+    rows = (ie.replay_rows(answers, counts["replay_rows"])
+            + ie.continue_rows(answers, counts["continue_rows"], ie.TRAIN_CONCEPTS, cfg.train_strengths, tok, cfg))
+    return ie.tokenize_examples(ie.training_set(dataset, rows), tok, cfg.prompt_format, cfg.kl_negatives)
+
+
 def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
-    """One row per pipeline stage, from the run's timings, trials and datasets."""
+    """One row per pipeline stage, from the run's timings, trials and datasets (`cfg` resolved as the run did)."""
     from datasets import load_from_disk
     times = json.loads((run_dir / "timings.json").read_text())
     trials = ie.read_jsonl(run_dir / "trials.jsonl")
-    datasets = {"train": load_from_disk(str(run_dir / "dataset")),
-                "safety_train": load_from_disk(str(run_dir / "safety_dataset"))}
     n_concepts = len(ie.TRAIN_CONCEPTS) + len(ie.HELDOUT_CONCEPTS)
     rows = []
     for stage in [k for k in times if not k.endswith("_peak_gib") and k != "load_model"]:
         row = {"stage": stage, "seconds": times[stage], "peak_gib": times.get(f"{stage}_peak_gib")}
-        if stage in datasets:
-            tokens = training_tokens(datasets[stage], tok, cfg.prompt_format) * cfg.epochs
-            row.update(items=len(datasets[stage]) * cfg.epochs, unit="examples", tokens=tokens,
+        if stage in ("train", "safety_train"):
+            examples = trained_examples(run_dir, cfg, tok, stage)
+            tokens = sum(len(e["prompt"]) + len(e["completion"]) for e in examples) * cfg.epochs
+            row.update(items=len(examples) * cfg.epochs, unit="examples", tokens=tokens,
                        tokens_per_s=tokens / times[stage], mfu=flops * tokens / times[stage] / PEAK_FLOPS,
-                       step_ms=1000 * times[stage] / (cfg.epochs * -(-len(datasets[stage]) // cfg.batch_size)))
+                       step_ms=1000 * times[stage] / (cfg.epochs * -(-len(examples) // cfg.batch_size)))
         elif stage.startswith("capability_"):
             row.update(items=len(ie.ordinary_prompts()["heldout"]) + len(ie.exact_answers()),
                        unit="held-out + exact-answer prompts + prose")
@@ -136,7 +151,7 @@ def main() -> int:
     for name in ("device_map", "max_gpu_memory"):  # the split options, as the script defines them
         field = next(f for f in dataclasses.fields(ie.Config) if f.name == name)
         parser.add_argument(ie.flag(field), default=None, help=field.metadata["help"])
-    args = parser.parse_args()
+    args, pipeline_args = parser.parse_known_args()  # any other flag goes to the pipeline (e.g. --replay 0.5)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
     warm_up()
@@ -144,9 +159,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         log.warning("no CUDA device: timings are CPU timings and MFU is meaningless")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ie.Config(model=args.model, load_in_4bit=args.load_in_4bit, tokenizer=args.tokenizer,
-                        epochs=args.epochs, output_dir=str(Path(tmp) / "run"), device_map=args.device_map,
-                        max_gpu_memory=args.max_gpu_memory)
+        cfg = dataclasses.replace(ie.config_from_args(pipeline_args), model=args.model, load_in_4bit=args.load_in_4bit,
+                                  tokenizer=args.tokenizer, epochs=args.epochs, output_dir=str(Path(tmp) / "run"),
+                                  device_map=args.device_map, max_gpu_memory=args.max_gpu_memory)
         start = time.perf_counter()
         loaded = ie.load_model(cfg)
         sync()
@@ -155,13 +170,14 @@ def main() -> int:
         metrics = ie.run(cfg, loaded)
         del loaded
         tok = ie.load_tokenizer(args.tokenizer) if args.tokenizer else ie.load_embedded_tokenizer()
-        rows = stage_rows(Path(cfg.output_dir), cfg, flops, tok)
+        rows = stage_rows(Path(cfg.output_dir), ie.resolve_config(cfg), flops, tok)
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "model": args.model, "random_weights": True,
               "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
               "placement": metrics["model"]["placement"],
               "split": {"device_map": args.device_map, "max_gpu_memory": args.max_gpu_memory,
                         "cuda_fast_path_off": metrics["model"].get("cuda_fast_path_off")},
               "load_in_4bit": args.load_in_4bit, "dtype": metrics["model"]["dtype"],
+              "pipeline_args": pipeline_args, "language_modelling": metrics["settings"]["language_modelling"],
               "settings": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                            "eval_batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.max_new_tokens},
               "flops_per_token": flops, "flop_count": f"4 * N + 6 * L = {flops:.4g}, N = "

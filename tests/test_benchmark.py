@@ -28,3 +28,19 @@ def test_every_evaluation_stage_counts_its_own_trials():
               + [{"experiment": "safety_ordinary", "state": "safety_adapter"}] * 5)
     assert [gb.eval_items(f"eval_{name}", trials) for name in
             ("safety_probe", "safety_ordinary_probe", "safety_ordinary_safety_adapter", "safety_safety_adapter")] == [3, 2, 5, 0]
+
+
+def test_training_rows_count_every_example_trained_on(tmp_path, tok):
+    """The train row counts the introspection dataset plus the run's replay rows (rebuilt from its cached answers)."""
+    import json
+
+    import introspection_experiment as ie
+    ie.build_dataset(["fire", "ocean"], ["40"], 2, seed=0).save_to_disk(str(tmp_path / "dataset"))
+    answers = [{"question": f"Question {i}?", "answer": "Yes.", "answer_ids": [5, 6, tok.eos_token_id]} for i in range(2)]
+    ie.to_dataset(answers).save_to_disk(str(tmp_path / "replay_answers"))
+    (tmp_path / "metrics.json").write_text(json.dumps({"settings": {"language_modelling": {"replay_rows": 3,
+                                                                                           "continue_rows": 0}}}))
+    cfg = ie.resolve_config(ie.Config(model="random:tiny"))
+    examples = gb.trained_examples(tmp_path, cfg, tok, "train")
+    assert len(examples) == 8 + 3 and sum(e["kl"] for e in examples) == 3
+    assert [e["completion"] for e in examples if e["kl"]] == [[5, 6, tok.eos_token_id]] * 3
