@@ -26,8 +26,9 @@ from generalization_study import Study, protocol_name, study_parser  # noqa: E40
 
 log = logging.getLogger("study")
 PROTOCOLS = {"paper": {}, "word-random-negatives": {"vector_token": "word", "random_negatives": 0.5}}
-DEFAULT_POINTS = {"paper": ["0:0:0", "1:0:0", "1:4:0", "1:4:0:neg", "1:16:0", "1:4:0.5", "0.5:4:0.25"],
-                  "word-random-negatives": ["0:0:0", "0.5:4:0.25"]}
+DEFAULT_POINTS = {"paper": ["0:0:0", "1:0:0", "1:4:0", "1:4:0:neg", "1:16:0", "1:4:0.5", "0.5:4:0.25", "0.5:4:0",
+                            "0.5:8:0", "0.5:16:0"],
+                  "word-random-negatives": ["0:0:0", "1:4:0", "0.5:4:0", "0.5:4:0.25"]}
 DETECTION = [("seen", "success", "seen success"), ("held-out", "success", "held-out success"),
              ("random", "detection", "random-vector 'detection'"), ("control", "false_positive", "control false positives")]
 CONTINUE = [("seen", "report", "continue: seen report"), ("seen", "correct_id", "continue: seen ID"),
