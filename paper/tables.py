@@ -467,8 +467,17 @@ def paper_macros(metrics: dict, benchmarks: list[dict]) -> dict[str, str]:
     macros["runPerplexityBase"] = f"{capability['perplexity']['base']:.1f}"
     macros["runPerplexityFinetuned"] = f"{capability['perplexity']['finetuned']:.1f}"
     macros["runPerplexityChange"] = f"{100 * capability['perplexity_change']:+.0f}\\%"
-    macros["runChatTemplateAnswers"] = (f"{sum('detect' in c['finetuned'].lower() for c in capability['chat'])}"
-                                        f"/{len(capability['chat'])}")
+    lm = metrics["settings"]["language_modelling"]
+    macros["runRecipe"] = tex(lm["recipe"])
+    macros["runReplayRows"], macros["runReplayTokens"] = str(lm["replay_rows"]), str(lm["replay_tokens"])
+    macros["runKLWeight"] = f"{lm['kl_weight']:g}"
+    macros["runAgreement"] = tex_rate(capability["agreement"])
+    macros["runAnswerKL"] = f"{capability['answer_kl']['mean_per_token']:.3f}"
+    macros["runTemplateLeak"] = tex_rate(capability["template_leak"]["finetuned"])
+    exact = capability["exact_answers"]
+    for state in ("base", "finetuned"):
+        macros[f"runExact{state.capitalize()}"] = tex_rate(exact[state])
+        macros[f"runExactYesNo{state.capitalize()}"] = tex_rate(exact["by_kind"]["yes-no"][state])
     times = stage_seconds(metrics)
     macros["runComputeSeconds"] = f"{sum(times.values()):.0f}" if times else NONE
     macros["runBenchDevice"] = tex(benchmarks[0]["device"].replace("NVIDIA ", "")) if benchmarks else NONE
