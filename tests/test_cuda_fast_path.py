@@ -165,9 +165,9 @@ def test_fast_path_training_gives_the_eager_losses(tok, kl_weight, monkeypatch):
     """train_lora on the fast path (fixed layouts, CUDA graphs, peft's input casting skipped) and with
     --no-cuda-speedups: the same loss at every optimizer step, to float32 rounding. With replay rows under the KL
     term the fast path captures two graphs (batches with and without a KL token; batch_layouts)."""
-    rows = [{"question": q, "completion": ie.POSITIVE_COMPLETION.format(concept=c), "concept": c, "strength": "1x"}
-            for q, c in zip(ie.DETECTION_QUESTIONS, ["fire", "ocean", "king", "storm", "fire"])]
-    rows += [{"question": q, "completion": ie.NEGATIVE_COMPLETION, "concept": "", "strength": ""}
+    rows = [{"question": q, "completion": ie.POSITIVE_COMPLETION.format(concept=c), "concept": c, "strength": "1x",
+             "injected": True} for q, c in zip(ie.DETECTION_QUESTIONS, ["fire", "ocean", "king", "storm", "fire"])]
+    rows += [{"question": q, "completion": ie.NEGATIVE_COMPLETION, "concept": "", "strength": "", "injected": False}
              for q in ie.DETECTION_QUESTIONS]
     if kl_weight:
         answers = [{"question": q, "answer": "", "answer_ids": [100 + i, 200 + i, 300 + i, tok.eos_token_id]}
