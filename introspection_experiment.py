@@ -2420,7 +2420,7 @@ def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: f
             shape: tuple[int, int] | None = None, positions: int | None = None) -> dict:
     """Right-padded teacher-forced batch, injection at each row's last prompt token. The loss positions: `where`
     indexes the flattened [rows * width] positions whose next token is a completion token (completion + EOS),
-    `targets` holds those tokens and `kl` marks the rows' under the KL term. Right padding needs no attention mask:
+    `targets` holds those tokens and `kl` marks those of examples under the KL term. Right padding needs no attention mask:
     under causal attention no real token sees the pads after it. `shape` (rows, width) pads to a fixed shape with
     extra all-padding rows; `positions` pads the loss positions to a fixed count with entries that carry no loss
     (position 0, target -100, no KL): a CUDA graph replays on fixed shapes."""
@@ -2526,8 +2526,9 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     its batches' collation to its losses read back. On CUDA: autocast in the model's dtype (a gradient scaler for
     fp16), batches moved to the GPU before each epoch and losses read back once per epoch, so the host never waits on
     the GPU inside the loop; with the CUDA fast path, batches padded to the fixed layout of their kind (batch_layouts)
-    and the forward+backward step replayed from that layout's CUDA graph (GraphedStep; eager if capture fails). 4-bit models train the same way: no gradient
-    checkpointing, as the activations of these short sequences are small (~1 GB at batch 4 for a 7B)."""
+    and the forward+backward step replayed from that layout's CUDA graph (GraphedStep; eager if capture fails), captured
+    like every step with peft's input casting skipped. 4-bit models train the same way: no gradient checkpointing, as
+    the activations of these short sequences are small (~1 GB at batch 4 for a 7B)."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(cfg.seed)
     device = input_device(model)
@@ -2557,12 +2558,6 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     step_fns = {kl: functools.partial(forward_backward, peft_model, cfg=cfg, autocast=autocast, scaler=scaler, kl=kl)
                 for kl in (False, True)}
     graphed = False
-    if fast:  # one CUDA graph per layout, captured before the first step (their warm-up gradients are then dropped)
-        for kl in layouts:
-            step_fns[kl], on_graph = graphed_or_eager(step_fns[kl], batch_of(
-                [i for i, k in enumerate(under_kl) if k == kl][:cfg.batch_size])[1])
-            graphed |= on_graph
-        optimizer.zero_grad(set_to_none=not graphed)
     losses = []
     peft_model.train()
     steps = math.ceil(len(examples) / cfg.batch_size)
@@ -2570,6 +2565,12 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
              cfg.batch_size, "CUDA fast path" if fast else "eager")
     bar = Progress(cfg.epochs * steps, "train LoRA")
     with lora_input_casting_skipped(peft_model, fast):
+        if fast:  # one CUDA graph per layout, captured before the first step (their warm-up gradients are then dropped)
+            for kl in layouts:
+                step_fns[kl], on_graph = graphed_or_eager(step_fns[kl], batch_of(
+                    [i for i, k in enumerate(under_kl) if k == kl][:cfg.batch_size])[1])
+                graphed |= on_graph
+            optimizer.zero_grad(set_to_none=not graphed)
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
             batches = [batch_of(idx) for idx in length_bucketed_batches(examples, cfg.batch_size, order_gen)]
