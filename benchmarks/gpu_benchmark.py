@@ -52,8 +52,9 @@ def peak_gib():
     return ie.peak_gpu_gib() if torch.cuda.is_available() else None
 
 
-def training_tokens(dataset, tok, prompt_format: str) -> int:
-    return sum(len(e["prompt"]) + len(e["completion"]) for e in ie.tokenize_examples(dataset, tok, prompt_format))
+def training_tokens(examples: list[dict]) -> int:
+    """Real (non-padding) tokens of tokenized training examples."""
+    return sum(len(e["prompt"]) + len(e["completion"]) for e in examples)
 
 
 def flops_per_token(model, cfg: ie.Config) -> int:
@@ -70,10 +71,11 @@ def trained_examples(run_dir: Path, cfg: ie.Config, tok, stage: str) -> list[dic
     if stage == "safety_train":
         return ie.tokenize_examples(load_from_disk(str(run_dir / "safety_dataset")), tok, cfg.prompt_format)
     dataset = load_from_disk(str(run_dir / "dataset"))
-    counts = json.loads((run_dir / "metrics.json").read_text())["settings"]["language_modelling"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    counts = metrics["settings"]["language_modelling"]
     answers = list(load_from_disk(str(run_dir / "replay_answers"))) if (run_dir / "replay_answers").exists() else []
-    rows = (ie.replay_rows(answers, counts["replay_rows"])
-            + ie.continue_rows(answers, counts["continue_rows"], ie.TRAIN_CONCEPTS, cfg.train_strengths, tok, cfg))
+    rows = (ie.replay_rows(answers, counts["replay_rows"]) + ie.continue_rows(
+        answers, counts["continue_rows"], metrics["concepts"]["train"], cfg.train_strengths, tok, cfg))
     return ie.tokenize_examples(ie.training_set(dataset, rows), tok, cfg.prompt_format, cfg.kl_negatives)
 
 
@@ -88,7 +90,7 @@ def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
         row = {"stage": stage, "seconds": times[stage], "peak_gib": times.get(f"{stage}_peak_gib")}
         if stage in ("train", "safety_train"):
             examples = trained_examples(run_dir, cfg, tok, stage)
-            tokens = sum(len(e["prompt"]) + len(e["completion"]) for e in examples) * cfg.epochs
+            tokens = training_tokens(examples) * cfg.epochs
             row.update(items=len(examples) * cfg.epochs, unit="examples", tokens=tokens,
                        tokens_per_s=tokens / times[stage], mfu=flops * tokens / times[stage] / PEAK_FLOPS,
                        step_ms=1000 * times[stage] / (cfg.epochs * -(-len(examples) // cfg.batch_size)))
@@ -122,7 +124,7 @@ def throughput(cfg: ie.Config, micro_batches: list[int]) -> list[dict]:
     vectors = dict(zip(ie.TRAIN_CONCEPTS, ie.random_directions(len(ie.TRAIN_CONCEPTS), ie.text_config(model).hidden_size,
                                                                0).values()))
     dataset = ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60", "80", "100"], cfg.positives_per_concept, cfg.seed)
-    tokens = training_tokens(dataset, tok, cfg.prompt_format)
+    tokens = training_tokens(ie.tokenize_examples(dataset, tok, cfg.prompt_format))
     flops = flops_per_token(model, cfg)
     rows = []
     with ie.cuda_fast_path(model, cfg):  # the run's CUDA speed-ups, as in ie.run

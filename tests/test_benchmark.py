@@ -31,7 +31,8 @@ def test_every_evaluation_stage_counts_its_own_trials():
 
 
 def test_training_rows_count_every_example_trained_on(tmp_path, tok):
-    """The train row counts the introspection dataset plus the run's replay rows (rebuilt from its cached answers)."""
+    """The train row counts the introspection dataset plus the run's replay and report-then-continue rows (rebuilt
+    from its cached answers)."""
     import json
 
     import introspection_experiment as ie
@@ -39,8 +40,10 @@ def test_training_rows_count_every_example_trained_on(tmp_path, tok):
     answers = [{"question": f"Question {i}?", "answer": "Yes.", "answer_ids": [5, 6, tok.eos_token_id]} for i in range(2)]
     ie.to_dataset(answers).save_to_disk(str(tmp_path / "replay_answers"))
     (tmp_path / "metrics.json").write_text(json.dumps({"settings": {"language_modelling": {"replay_rows": 3,
-                                                                                           "continue_rows": 0}}}))
+                                                                                           "continue_rows": 2}},
+                                                      "concepts": {"train": ["fire", "ocean"]}}))
     cfg = ie.resolve_config(ie.Config(model="random:tiny"))
     examples = gb.trained_examples(tmp_path, cfg, tok, "train")
-    assert len(examples) == 8 + 3 and sum(e["kl"] for e in examples) == 3
-    assert [e["completion"] for e in examples if e["kl"]] == [[5, 6, tok.eos_token_id]] * 3
+    assert len(examples) == 8 + 3 + 2 and sum(e["kl"] for e in examples) == 3 + 1  # the uninjected continue row
+    assert [e["completion"] for e in examples if e["kl"]] == [[5, 6, tok.eos_token_id]] * 4
+    assert [e["concept"] for e in examples[-2:]] == ["fire", ""]  # the injected continue row: a training concept
