@@ -1954,12 +1954,19 @@ def ordinary_training_rows(model, tok, cfg: Config, dataset_size: int, train_con
     with nullcontext() if resumed else store.timer.stage("replay_answers"):
         answers = list(load_or_build_dataset(path, lambda: answer_training_prompts(model, tok, prompts, cfg),
                                              store.manifest))
-    rows = (replay_rows(answers, round((cfg.replay or 0) * dataset_size))
-            + continue_rows(answers, round((cfg.continue_examples or 0) * dataset_size), train_concepts, strengths, tok, cfg))
+    rows = replay_and_continue_rows(answers, cfg, dataset_size, train_concepts, strengths, tok)
     log.info("Ordinary prompts in training: %d replay and %d report-then-continue rows on %d base answers (%s)",
              sum(r["kind"] == "replay" for r in rows), sum(r["kind"] == "continue" for r in rows), len(answers),
              f"loaded from {path}" if resumed else "generated")
     return rows
+
+
+def replay_and_continue_rows(answers: list[dict], cfg: Config, dataset_size: int, train_concepts: list[str],
+                             strengths: list[str], tok) -> list[dict]:
+    """The replay rows, then the report-then-continue rows, that --replay and --continue-examples ask of an
+    introspection dataset of `dataset_size` examples, built on the base model's answers."""
+    return (replay_rows(answers, round((cfg.replay or 0) * dataset_size))
+            + continue_rows(answers, round((cfg.continue_examples or 0) * dataset_size), train_concepts, strengths, tok, cfg))
 
 
 def replay_rows(answers: list[dict], count: int) -> list[dict]:
@@ -2094,8 +2101,15 @@ def contiguous_lm_head(model):
     as a batched product over the weight broadcast to every row: 128 rows x 262k vocabulary x 640 x 2 bytes = a 40 GiB
     allocation attempt (Gemma-3-270M), then a fallback ~10x slower than on the contiguous copy (measured), which is
     rows x positions kept x hidden size."""
+    with lm_head_input(model, lambda hidden: hidden.contiguous()):
+        yield
+
+
+@contextmanager
+def lm_head_input(model, edit):
+    """The LM head's input replaced by edit(input) while in the block (a forward pre-hook, removed on exit)."""
     handle = unwrap(model).get_output_embeddings().register_forward_pre_hook(
-        lambda module, args: (args[0].contiguous(), *args[1:]))
+        lambda module, args: (edit(args[0]), *args[1:]))
     try:
         yield
     finally:
@@ -2497,15 +2511,9 @@ def lm_head_at(model, where: torch.Tensor):
     the model's logits come out [1, len(where), vocab] (whatever follows the head in the model's forward, such as
     Gemma's soft-capping, applies unchanged). Training needs them at the completion positions only: the head and the
     float32 softmax over the vocabulary at every prompt and padding position were ~20% of a CPU training step."""
-    def gather(module, args):
-        hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, where.to(hidden.device))[None], *args[1:])
-
-    handle = unwrap(model).get_output_embeddings().register_forward_pre_hook(gather)
-    try:
+    with lm_head_input(model, lambda hidden: hidden.reshape(-1, hidden.shape[-1]).index_select(
+            0, where.to(hidden.device))[None]):
         yield
-    finally:
-        handle.remove()
 
 
 def kl_to_base(peft_model, batch: dict, logits: torch.Tensor) -> torch.Tensor:

@@ -71,11 +71,9 @@ def trained_examples(run_dir: Path, cfg: ie.Config, tok, stage: str) -> list[dic
     if stage == "safety_train":
         return ie.tokenize_examples(load_from_disk(str(run_dir / "safety_dataset")), tok, cfg.prompt_format)
     dataset = load_from_disk(str(run_dir / "dataset"))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    counts = metrics["settings"]["language_modelling"]
+    train_concepts = json.loads((run_dir / "metrics.json").read_text())["concepts"]["train"]
     answers = list(load_from_disk(str(run_dir / "replay_answers"))) if (run_dir / "replay_answers").exists() else []
-    rows = (ie.replay_rows(answers, counts["replay_rows"]) + ie.continue_rows(
-        answers, counts["continue_rows"], metrics["concepts"]["train"], cfg.train_strengths, tok, cfg))
+    rows = ie.replay_and_continue_rows(answers, cfg, len(dataset), train_concepts, cfg.train_strengths, tok)
     return ie.tokenize_examples(ie.training_set(dataset, rows), tok, cfg.prompt_format, cfg.kl_negatives)
 
 
