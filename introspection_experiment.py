@@ -2434,24 +2434,26 @@ def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: f
             shape: tuple[int, int] | None = None, positions: int | None = None) -> dict:
     """Right-padded teacher-forced batch, injection at each row's last prompt token. The loss positions: `where`
     indexes the flattened [rows * width] positions whose next token is a completion token (completion + EOS),
-    `targets` holds those tokens and `kl` marks those of examples under the KL term. Right padding needs no attention mask:
-    under causal attention no real token sees the pads after it. `shape` (rows, width) pads to a fixed shape with
+    `targets` holds those tokens and `base_rows` their rows in the table of base logits (an example's `base_row`, set
+    by `base_logits_table` for examples under the KL term, onwards; 0 for the others). Right padding needs no attention
+    mask: under causal attention no real token sees the pads after it. `shape` (rows, width) pads to a fixed shape with
     extra all-padding rows; `positions` pads the loss positions to a fixed count with entries that carry no loss
-    (position 0, target -100, no KL): a CUDA graph replays on fixed shapes."""
+    (position 0, target -100, base row 0): a CUDA graph replays on fixed shapes."""
     rows, width = shape or (len(batch), max(len(e["prompt"]) + len(e["completion"]) for e in batch))
     ids = torch.full((rows, width), pad_id)
-    where, targets, kl = [], [], []
+    where, targets, base_rows = [], [], []
     for b, e in enumerate(batch):
         seq = e["prompt"] + e["completion"]
         ids[b, :len(seq)] = torch.tensor(seq)
         where += range(b * width + len(e["prompt"]) - 1, b * width + len(seq) - 1)  # logits at t predict t + 1
         targets += e["completion"]
-        kl += [e.get("kl", False)] * len(e["completion"])
+        first = e.get("base_row", 0)
+        base_rows += range(first, first + len(e["completion"])) if first else [0] * len(e["completion"])
     extra = (positions or len(where)) - len(where)
     padding = rows - len(batch)
     vecs, alphas = injection_rows(batch, vectors, typical_norm, padding)
     return {"input_ids": ids, "where": torch.tensor(where + [0] * extra), "targets": torch.tensor(targets + [-100] * extra),
-            "kl": torch.tensor(kl + [False] * extra), "vectors": vecs, "alphas": alphas,
+            "base_rows": torch.tensor(base_rows + [0] * extra), "vectors": vecs, "alphas": alphas,
             "prompt_end": torch.tensor([len(e["prompt"]) - 1 for e in batch] + [0] * padding)}
 
 
@@ -2481,7 +2483,7 @@ def batch_layouts(examples: list[dict], under_kl: list[bool], batch_size: int) -
     """The fixed layouts of the CUDA fast path's training batches, keyed by whether a batch holds an example under the
     KL term: (shape, loss positions) for `collate`, fitting any batch of that kind (with such an example: any
     examples; without: only the others). Short introspection batches then replay a narrower graph than the long
-    replay ones, and one without the base pass."""
+    replay ones, and one without the KL term."""
     def layout(group: list[dict]) -> tuple[tuple[int, int], int]:
         return ((batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in group)),
                 batch_size * max(len(e["completion"]) for e in group))
@@ -2490,17 +2492,18 @@ def batch_layouts(examples: list[dict], under_kl: list[bool], batch_size: int) -
     return {**({False: layout(plain)} if plain else {}), **({True: layout(examples)} if any(under_kl) else {})}
 
 
-def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, kl: bool = True) -> torch.Tensor:
+def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, base_logits: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """One micro-batch: forward with the injection, the LM head at the loss positions only, backward of
     loss / grad_accum; returns the detached loss: the report cross-entropy (mean over the batch's targets), plus
-    kl_weight x `kl_to_base` when `kl` (a batch with no token under the KL term passes False: the term is 0 there, and
-    its no-grad base pass, part of the step and of its CUDA graph, is skipped)."""
+    kl_weight x `kl_to_base` given the table of base logits (`base_logits_table`; a batch with no token under the KL term
+    passes None: the term is 0 there)."""
     with (injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode),
           lm_head_at(model, batch["where"]), autocast):
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["targets"].to(logits.device), ignore_index=-100)
-        if cfg.kl_weight and kl:
-            loss = loss + cfg.kl_weight * kl_to_base(model, batch, logits)
+        if cfg.kl_weight and base_logits is not None:
+            loss = loss + cfg.kl_weight * kl_to_base(base_logits, batch, logits)
     scaler.scale(loss / cfg.grad_accum).backward()
     return loss.detach()
 
@@ -2516,15 +2519,45 @@ def lm_head_at(model, where: torch.Tensor):
         yield
 
 
-def kl_to_base(peft_model, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-    """Mean KL(base ‖ adapter) of the next-token distributions at the batch's loss positions marked `kl` (0 when there
-    are none). The base distribution: the same peft model under disable_adapter(), no grad, on the same inputs, under
-    the caller's injection and LM-head positions (hooks edit every forward call alike); `logits` are the adapter's.
+@torch.no_grad()
+def base_logits_table(model, examples: list[dict], under_kl: list[bool], vectors: dict[str, torch.Tensor],
+                      typical_norm: float, cfg: Config, pad_id: int, autocast) -> torch.Tensor | None:
+    """The base model's logits at the loss positions of the examples under the KL term, computed once before training
+    (`model` without the adapter; each row under its own injection, if any, as in training): they are the same in every
+    epoch, so the training steps need no base pass. Returns a table [1 + positions, vocab] in the model's dtype on its
+    device, row 0 a placeholder for positions outside the term (None when no example is under it), and sets each such
+    example's `base_row`, its first row (identical examples share rows). Batches of eval_batch_size, by length."""
+    first, unique = {}, []
+    for i in sorted((i for i, k in enumerate(under_kl) if k), key=lambda i: len(examples[i]["prompt"]) + len(examples[i]["completion"])):
+        e = examples[i]
+        key = (tuple(e["prompt"]), tuple(e["completion"]), e["concept"], e["strength"])
+        if key not in first:
+            first[key] = 1 + sum(len(examples[j]["completion"]) for j in unique)
+            unique.append(i)
+        e["base_row"] = first[key]
+    if not unique:
+        return None
+    table = None
+    for start in range(0, len(unique), cfg.eval_batch_size):
+        chunk = [{**examples[i], "base_row": 0} for i in unique[start:start + cfg.eval_batch_size]]
+        batch = {k: v.to(input_device(model)) for k, v in collate(chunk, vectors, typical_norm, pad_id).items()}
+        with (injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode),
+              lm_head_at(model, batch["where"]), autocast):
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+        if table is None:
+            table = logits.new_zeros(1 + sum(len(examples[i]["completion"]) for i in unique), logits.shape[-1])
+        row = examples[unique[start]]["base_row"]
+        table[row:row + len(logits)] = logits
+    return table
+
+
+def kl_to_base(base_logits: torch.Tensor, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base ‖ adapter) of the next-token distributions at the batch's loss positions under the term (those with a
+    base row; 0 when there are none); `base_logits` is `base_logits_table`'s table, `logits` are the adapter's.
     Masked sums, no boolean indexing: no host sync, so a CUDA graph can hold it."""
-    with torch.no_grad(), peft_model.disable_adapter():
-        base = peft_model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-    weight = batch["kl"].to(logits.device).float()
-    return (kl_divergence(base, logits) * weight).sum() / weight.sum().clamp(min=1)
+    rows = batch["base_rows"].to(logits.device)
+    weight = (rows > 0).float()
+    return (kl_divergence(base_logits.index_select(0, rows), logits) * weight).sum() / weight.sum().clamp(min=1)
 
 
 def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_norm: float, cfg: Config,
@@ -2533,28 +2566,30 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     After each epoch, on_epoch (if given) receives {epoch, steps, mean_loss, seconds}: the epoch's wall time, from
     its batches' collation to its losses read back. On CUDA: autocast in the model's dtype (a gradient scaler for
     fp16), batches moved to the GPU before each epoch and losses read back once per epoch, so the host never waits on
-    the GPU inside the loop; with the CUDA fast path, batches padded to the fixed layout of their kind (batch_layouts)
+    the GPU inside the loop. The KL term's base logits are computed once, before the adapter exists
+    (base_logits_table). With the CUDA fast path, batches padded to the fixed layout of their kind (batch_layouts)
     and the forward+backward step replayed from that layout's CUDA graph (GraphedStep; eager if capture fails), captured
     like every step with peft's input casting skipped. 4-bit models train the same way: no gradient checkpointing, as
     the activations of these short sequences are small (~1 GB at batch 4 for a 7B)."""
     from peft import LoraConfig, get_peft_model
-    torch.manual_seed(cfg.seed)
     device = input_device(model)
-    with torch.device(device):  # LoRA weights created and initialised where they train (not on the CPU, then copied)
-        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                                      lora_dropout=cfg.lora_dropout, target_modules=LORA_TARGETS,
-                                                      task_type="CAUSAL_LM"))
     dtype = unwrap(model).get_input_embeddings().weight.dtype
     on_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16, enabled=on_cuda,
                               cache_enabled=False)
+    examples = tokenize_examples(dataset, tok, cfg.prompt_format, cfg.kl_negatives)
+    under_kl = [bool(cfg.kl_weight) and e["kl"] for e in examples]
+    base_logits = base_logits_table(model, examples, under_kl, vectors, typical_norm, cfg, tok.pad_token_id, autocast)
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):  # LoRA weights created and initialised where they train (not on the CPU, then copied)
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                      lora_dropout=cfg.lora_dropout, target_modules=LORA_TARGETS,
+                                                      task_type="CAUSAL_LM"))
     scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)
     optimizer = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], cfg.lr, device,
                                getattr(model, "is_loaded_in_4bit", False))
-    examples = tokenize_examples(dataset, tok, cfg.prompt_format, cfg.kl_negatives)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     fast = fast_path_on(model, cfg)
-    under_kl = [bool(cfg.kl_weight) and e["kl"] for e in examples]
     layouts = batch_layouts(examples, under_kl, cfg.batch_size) if fast else {}
 
     def batch_of(idx: list[int]) -> tuple[bool, dict]:
@@ -2563,8 +2598,8 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
         return kl, {k: v.to(device) for k, v in collate([examples[i] for i in idx], vectors, typical_norm,
                                                          tok.pad_token_id, *layouts.get(kl, (None, None))).items()}
 
-    step_fns = {kl: functools.partial(forward_backward, peft_model, cfg=cfg, autocast=autocast, scaler=scaler, kl=kl)
-                for kl in (False, True)}
+    step_fns = {kl: functools.partial(forward_backward, peft_model, cfg=cfg, autocast=autocast, scaler=scaler,
+                                      base_logits=base_logits if kl else None) for kl in (False, True)}
     graphed = False
     losses = []
     peft_model.train()

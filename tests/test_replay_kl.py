@@ -21,9 +21,9 @@ def fresh_lora(model, dropout=0.0):
                                             task_type="CAUSAL_LM"))
 
 
-def negative_and_replay_batch(tok):
-    """A collated batch: one injected positive (no KL), one negative and one replay row (KL on their completions, the
-    negative's with --kl-negatives)."""
+def negative_and_replay_examples(tok):
+    """Tokenized examples: one injected positive (no KL), one negative and one replay row (KL on their completions, the
+    negative's with --kl-negatives), and the positive's vector."""
     rows = [{"question": ie.DETECTION_QUESTIONS[0], "concept": "fire", "strength": "40",
              "completion": ie.POSITIVE_COMPLETION.format(concept="fire"), "injected": True},
             {"question": ie.DETECTION_QUESTIONS[1], "concept": "", "strength": "", "completion": ie.NEGATIVE_COMPLETION,
@@ -34,48 +34,61 @@ def negative_and_replay_batch(tok):
     examples = ie.tokenize_examples(rows, tok, "paper", kl_negatives=True)
     assert [e["kl"] for e in examples] == [False, True, True]
     vectors = {"fire": torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)}
-    return ie.collate(examples, vectors, 1.0, tok.pad_token_id), examples
+    return examples, vectors
 
 
-def adapter_kl(peft_model, batch, cfg=CFG):
+def base_table_and_batch(peft_model, examples, vectors, tok):
+    """base_logits_table of the examples under the KL term (the base: peft's disable_adapter()), then their batch."""
+    with peft_model.disable_adapter():
+        table = ie.base_logits_table(peft_model, examples, [e["kl"] for e in examples], vectors, 1.0, CFG,
+                                     tok.pad_token_id, torch.autocast("cpu", enabled=False))
+    return table, ie.collate(examples, vectors, 1.0, tok.pad_token_id)
+
+
+def adapter_kl(peft_model, batch, table, cfg=CFG):
     with (ie.injection(peft_model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"]),
           ie.lm_head_at(peft_model, batch["where"]), torch.no_grad()):
         logits = peft_model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-        return float(ie.kl_to_base(peft_model, batch, logits))
+        return float(ie.kl_to_base(table, batch, logits))
 
 
 # --- the KL term -----------------------------------------------------------------------------------------------------
 
 def test_kl_is_zero_for_a_fresh_or_disabled_adapter_and_positive_after_one_step(tok):
     peft_model = fresh_lora(make_tiny(tok))
-    batch, examples = negative_and_replay_batch(tok)
-    assert batch["kl"].sum() == len(examples[1]["completion"]) + len(examples[2]["completion"])
-    assert adapter_kl(peft_model.eval(), batch) == 0.0  # LoRA B = 0: the adapter is the base model exactly
+    examples, vectors = negative_and_replay_examples(tok)
+    table, batch = base_table_and_batch(peft_model, examples, vectors, tok)
+    kl_tokens = len(examples[1]["completion"]) + len(examples[2]["completion"])
+    assert table.shape == (1 + kl_tokens, peft_model.get_output_embeddings().weight.shape[0]) and (batch["base_rows"] > 0).sum() == kl_tokens
+    assert adapter_kl(peft_model.eval(), batch, table) == 0.0  # LoRA B = 0: the adapter is the base model exactly
 
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
     peft_model.train()
     ie.forward_backward(peft_model, batch, ie.dataclasses.replace(CFG, grad_accum=1), torch.autocast("cpu", enabled=False),
-                        torch.amp.GradScaler("cpu", enabled=False))
+                        torch.amp.GradScaler("cpu", enabled=False), base_logits=table)
     optimizer.step()
     peft_model.eval()
-    assert adapter_kl(peft_model, batch) > 1e-4
+    assert adapter_kl(peft_model, batch, table) > 1e-4
     with peft_model.disable_adapter():
-        assert adapter_kl(peft_model, batch) == 0.0
-    none = {**batch, "kl": torch.zeros_like(batch["kl"])}
-    assert adapter_kl(peft_model, none) == 0.0  # no token under the term: 0, not NaN
+        assert adapter_kl(peft_model, batch, table) == 0.0
+    none = {**batch, "base_rows": torch.zeros_like(batch["base_rows"])}
+    assert adapter_kl(peft_model, none, table) == 0.0  # no token under the term: 0, not NaN
     peft_model.unload()
 
 
 def test_kl_covers_only_the_masked_tokens_under_the_same_injection(tok):
+    """The table holds the base model's logits at each KL row's completion positions, under that row's own injection,
+    as a base pass on the training batch would give them."""
     peft_model = fresh_lora(make_tiny(tok, seed=2)).eval()
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
-    batch, examples = negative_and_replay_batch(tok)
-    batch["alphas"][1] = 30.0  # a random negative: the injection must reach the base pass too
-    batch["vectors"][1] = batch["vectors"][0]
-    got = adapter_kl(peft_model, batch)
+    examples, vectors = negative_and_replay_examples(tok)
+    examples[1] = {**examples[1], "concept": "fire", "strength": "30"}  # a random negative: its injection counts too
+    table, batch = base_table_and_batch(peft_model, examples, vectors, tok)
+    assert batch["alphas"].tolist() == [40.0, 30.0, 0.0]
+    got = adapter_kl(peft_model, batch, table)
     with ie.injection(peft_model, CFG.layer, batch["vectors"], batch["alphas"], batch["prompt_end"]), torch.no_grad():
         tuned = peft_model(input_ids=batch["input_ids"]).logits
         with peft_model.disable_adapter():
@@ -85,6 +98,24 @@ def test_kl_covers_only_the_masked_tokens_under_the_same_injection(tok):
              for b, e in enumerate(examples) if e["kl"]]
     assert got == pytest.approx(float(torch.cat(terms).mean()), rel=1e-5)
     peft_model.unload()
+
+
+def test_base_logits_table_shares_the_rows_of_identical_examples(tok):
+    """Replay rows cycle through the base answers: a repeated example points at its first copy's rows; examples
+    outside the term get none, and no example under it gives no table."""
+    model = make_tiny(tok)
+    examples, vectors = negative_and_replay_examples(tok)
+    examples = [dict(e) for e in examples + examples[2:]]
+    plain = [dict(e) for e in examples]
+    table = ie.base_logits_table(model, examples, [e["kl"] for e in examples], vectors, 1.0, CFG, tok.pad_token_id,
+                                 torch.autocast("cpu", enabled=False))
+    rows = [e.get("base_row", 0) for e in examples]
+    assert rows[0] == 0 and rows[1] > 0 and rows[2] == rows[3] > 0 and rows[1] != rows[2]
+    assert len(table) == 1 + len(examples[1]["completion"]) + len(examples[2]["completion"])
+    assert (table[0] == 0).all() and (table[1:] != 0).any(dim=1).all()
+    assert ie.base_logits_table(model, plain, [False] * 4, vectors, 1.0, CFG, tok.pad_token_id,
+                                torch.autocast("cpu", enabled=False)) is None
+    assert all("base_row" not in e for e in plain)
 
 
 def test_kl_weight_trains_with_micro_batches_and_grad_accum(tok):
@@ -98,8 +129,8 @@ def test_kl_weight_trains_with_micro_batches_and_grad_accum(tok):
     for weight in (0.0, 5.0):
         model = make_tiny(tok, seed=3)
         peft_model, losses = ie.train_lora(model, tok, data, vectors, 1.0, ie.dataclasses.replace(CFG, kl_weight=weight))
-        batch = ie.collate(ie.tokenize_examples(data, tok, "paper"), vectors, 1.0, tok.pad_token_id)
-        runs[weight] = ([l["loss"] for l in losses], adapter_kl(peft_model, batch))
+        table, batch = base_table_and_batch(peft_model, ie.tokenize_examples(data, tok, "paper"), vectors, tok)
+        runs[weight] = ([l["loss"] for l in losses], adapter_kl(peft_model, batch, table))
         peft_model.unload()
     (plain, plain_kl), (with_kl, kl_kl) = runs[0.0], runs[5.0]
     assert len(plain) == len(with_kl) == 6  # 24 rows in micro-batches of 2, two per optimizer step
@@ -109,21 +140,23 @@ def test_kl_weight_trains_with_micro_batches_and_grad_accum(tok):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph of the training step")
 def test_graphed_step_with_kl_matches_eager(tok):
-    """GPU check for the lead: the KL term's no-grad base pass inside the captured CUDA-graph step."""
+    """GPU check for the lead: the KL term, read from the table of base logits, inside the captured CUDA-graph step."""
     model = make_tiny(tok).cuda()
     peft_model = fresh_lora(model).train()
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
-    batch, _ = negative_and_replay_batch(tok)
+    examples, vectors = negative_and_replay_examples(tok)
+    vectors = {k: v.cuda() for k, v in vectors.items()}
+    table, batch = base_table_and_batch(peft_model, examples, vectors, tok)
     batch = {k: v.cuda() for k, v in batch.items()}
     cfg = ie.dataclasses.replace(CFG, kl_weight=1.0, grad_accum=1)
     autocast, scaler = torch.autocast("cuda", enabled=False), torch.amp.GradScaler("cuda", enabled=False)
-    eager = ie.forward_backward(peft_model, batch, cfg, autocast, scaler)
+    eager = ie.forward_backward(peft_model, batch, cfg, autocast, scaler, base_logits=table)
     grads = [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
     peft_model.zero_grad(set_to_none=False)
-    graphed = ie.GraphedStep(lambda b: ie.forward_backward(peft_model, b, cfg, autocast, scaler), batch)
+    graphed = ie.GraphedStep(lambda b: ie.forward_backward(peft_model, b, cfg, autocast, scaler, base_logits=table), batch)
     peft_model.zero_grad(set_to_none=False)
     loss = graphed(batch)
     assert float(loss) == pytest.approx(float(eager), rel=1e-4)

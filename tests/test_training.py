@@ -30,13 +30,17 @@ def test_collate_masks_prompt_and_injects_at_last_prompt_token(tok):
         assert targets[span[-1]] == tok.eos_token_id  # EOS is learned although pad == EOS
         assert batch["prompt_end"][b] == n_prompt - 1
         start += len(span)
-    assert start == len(where) == len(targets) == len(batch["kl"]) and not batch["kl"].any()
+    assert start == len(where) == len(targets) == len(batch["base_rows"]) and not batch["base_rows"].any()
+    examples[1]["base_row"] = 7  # set by base_logits_table for an example under the KL term: its rows, in order
+    assert ie.collate(examples, {"fire": torch.ones(4)}, 10.0, tok.pad_token_id)["base_rows"].tolist() == (
+        [0] * len(examples[0]["completion"]) + list(range(7, 7 + len(examples[1]["completion"]))))
     assert batch["alphas"].tolist() == [20.0, 0.0] and batch["vectors"][1].abs().sum() == 0
     padded = ie.collate(examples, {"fire": torch.ones(4)}, 10.0, tok.pad_token_id, shape=(3, 40), positions=30)
     assert padded["input_ids"].shape == (3, 40) and (padded["input_ids"][2] == tok.pad_token_id).all()
-    assert padded["where"].shape == padded["targets"].shape == padded["kl"].shape == (30,)
+    assert padded["where"].shape == padded["targets"].shape == padded["base_rows"].shape == (30,)
     assert padded["where"][:start].tolist() == [w // width * 40 + w % width for w in where]  # the wider layout
     assert (padded["targets"][start:] == -100).all() and (padded["where"][start:] == 0).all()
+    assert (padded["base_rows"][start:] == 0).all()
     assert padded["alphas"].tolist() == [20.0, 0.0, 0.0]
 
 
