@@ -2759,21 +2759,28 @@ def kl_divergence(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def answer_kl(peft_model, tok, questions: list[str], answers: list[list[int]], cfg: Config) -> list[list[float]]:
-    """Per prompt, [summed KL(base ‖ tuned), tokens] over the base answer's tokens: teacher forced in `generate`'s
-    layout with no injection, one batched pass with the adapter and one under peft's disable_adapter() (the base
-    distribution from the same weights, no second copy)."""
-    device, out = input_device(peft_model), []
+def answer_logits(model, tok, questions: list[str], targets: list[list[int]], cfg: Config) -> torch.Tensor:
+    """Teacher-forced logits over the targets in `generate`'s layout with no injection, one pass:
+    [rows, longest target, vocab], position t giving the distribution of target token t."""
+    device = input_device(model)
+    ids, mask, _, length = teacher_forced_layout(tok, questions, targets, cfg)
+    with contiguous_lm_head(model):
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device),
+                     use_cache=False, logits_to_keep=length + 1).logits[:, :-1]
+
+
+@torch.no_grad()
+def answer_kl(model, tok, questions: list[str], answers: list[list[int]], cfg: Config, base=None) -> list[list[float]]:
+    """Per prompt, [summed KL(base ‖ model), tokens] over the base answer's tokens, teacher forced (answer_logits) in
+    batches of eval_batch_size. The base distribution comes from `base` when given (another model: the same weights in
+    another precision, say), else from the peft `model` under disable_adapter() (the same weights, no second copy)."""
+    out = []
     for i in range(0, len(questions), cfg.eval_batch_size):
         batch, targets = questions[i:i + cfg.eval_batch_size], [a or [tok.eos_token_id] for a in answers[i:i + cfg.eval_batch_size]]
-        ids, mask, _, length = teacher_forced_layout(tok, batch, targets, cfg)
-        inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      position_ids=position_ids(mask).to(device), use_cache=False, logits_to_keep=length + 1)
-        with contiguous_lm_head(peft_model):
-            tuned = peft_model(**inputs).logits[:, :-1]
-            with peft_model.disable_adapter():
-                base = peft_model(**inputs).logits[:, :-1]
-        per_token = kl_divergence(base, tuned).cpu()
+        tuned = answer_logits(model, tok, batch, targets, cfg)
+        with nullcontext() if base is not None else model.disable_adapter():
+            reference = answer_logits(model if base is None else base, tok, batch, targets, cfg)
+        per_token = kl_divergence(reference, tuned.to(reference.device)).cpu()
         out += [[float(per_token[b, :len(a)].sum()), len(a)] for b, a in enumerate(answers[i:i + cfg.eval_batch_size])]
     return out
 

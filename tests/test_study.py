@@ -125,3 +125,37 @@ def test_tradeoff_point_specs_and_goal_bounds():
              "control false positives": rate(1 / 60)}
     assert set(tradeoff.goals_met(point)) - set(tradeoff.goals_met(worse)) == {
         "perplexity change", "agreement with base", "KL (nats/token)", "control false positives"}
+
+
+@pytest.mark.slow
+def test_agreement_floor_measures_known_changes_and_reads_the_trained_points(tmp_path):
+    """Scale 0 is the base model exactly (agreement 100%, KL 0); a large random adapter moves the answers; the other
+    precision is measured against the run's; the trained points come from the figures' metrics and trade-off study."""
+    import shutil
+    import agreement_floor as floor
+    fig = tmp_path / "fig"
+    fig.mkdir()
+    shutil.copy(ROOT / "figures" / "tradeoff_study.json", fig)
+    assert floor.main(["--scales", "0", "0.5", "--figures", str(fig), "--model", "random:tiny", "--dtype", "float32"]) == 0
+    result = json.loads((fig / "agreement_floor.json").read_text())
+    exact, moved, twin = result["rows"]
+    assert exact["scale"] == 0 and exact["agreement"]["rate"] == 1.0 and exact["kl"] == 0.0
+    assert moved["scale"] == 0.5 and moved["kl"] > 0.01 and moved["agreement"]["rate"] < 1.0
+    assert twin["change"] == "the same weights in bfloat16" and twin["scale"] is None and twin["kl"] > 0
+    assert exact["agreement"]["n"] == len(ie.ordinary_prompts()["heldout"]) and "RANDOM WEIGHTS" in result["model"]
+    study_points = json.loads((ROOT / "figures" / "tradeoff_study.json").read_text())["points"]
+    assert len(result["trained"]) == sum(1 for p in study_points if p["replay"] or p["kl_weight"])
+    assert (fig / "agreement_floor.png").exists() and "B ~ N(0, 0.5²)" in (fig / "agreement_floor.md").read_text()
+    assert floor.main(["--scales", "-1", "--figures", str(fig)]) == 2
+
+
+def test_answer_kl_against_another_model_is_zero_for_the_same_model(tok):
+    from conftest import make_tiny
+    model = make_tiny(tok)
+    cfg = ie.Config(eval_batch_size=2)
+    questions = ["How do I boil an egg?", "Name a planet.", "Write a haiku."]
+    answers = [[5, 6, 7], [8], [9, 10]]
+    kl = ie.answer_kl(model, tok, questions, answers, cfg, base=model)
+    assert [n for _, n in kl] == [3, 1, 2] and all(s == 0.0 for s, _ in kl)
+    other = ie.answer_kl(make_tiny(tok, seed=1), tok, questions, answers, cfg, base=model)
+    assert all(s > 0 for s, _ in other)
