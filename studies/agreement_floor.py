@@ -90,13 +90,16 @@ def trained_points(figures: Path) -> list[dict]:
     metrics = ie.read_json_or_none(figures / "metrics.json")
     if metrics and "capability" in metrics:
         cap = metrics["capability"]
-        points.append({"source": f"default run ({metrics['model']['device'].upper()})", "label": "default",
+        lm = metrics["settings"]["language_modelling"]
+        points.append({"source": f"default run ({metrics['model']['device'].upper()})",
+                       "label": f"{lm['replay']:g}:{lm['kl_weight']:g}:{lm['continue_examples']:g}",
                        "agreement": cap["agreement"], "kl": cap["answer_kl"]["mean_per_token"]})
     study = ie.read_json_or_none(figures / "tradeoff_study.json")
     for p in (study or {}).get("points", []):
         if p["replay"] or p["kl_weight"]:  # the paper's recipe (no replay, no KL) lies far off the scale
             points.append({"source": f"trade-off study ({', '.join(study['hardware'])})",
-                           "label": f"{p['replay']:g}:{p['kl_weight']:g}:{p['continue_examples']:g}"
+                           "label": ("word " if p["protocol"].startswith("word") else "")
+                                    + f"{p['replay']:g}:{p['kl_weight']:g}:{p['continue_examples']:g}"
                                     + (":neg" if p["kl_negatives"] else ""),
                            "agreement": p["agreement with base"], "kl": p["KL (nats/token)"]})
     return points
@@ -109,7 +112,7 @@ def floor_table(result: dict) -> str:
              f"{', '.join(result['lora']['modules'])}; no training. Trained adapters from their own runs.")
     rows = [[r["change"] + (f", B ~ N(0, {r['scale']:g}²)" if r["scale"] is not None else ""), ie.pct(r["agreement"]),
              f"{r['kl']:.4f}"] for r in result["rows"]]
-    rows += [[f"trained: {p['source']} {p['label']}", ie.pct(p["agreement"]), f"{p['kl']:.4f}"] for p in result["trained"]]
+    rows += [[f"trained: {p['source']}, {p['label']}", ie.pct(p["agreement"]), f"{p['kl']:.4f}"] for p in result["trained"]]
     return intro + "\n\n" + ie.markdown_table(["change to the model", "agreement with base", "KL (nats/token)"], rows)
 
 
@@ -130,7 +133,8 @@ def plot_floor(result: dict, path: Path) -> None:
     for i, source in enumerate(dict.fromkeys(p["source"] for p in result["trained"])):
         pts = [p for p in result["trained"] if p["source"] == source]
         ax.errorbar([p["kl"] for p in pts], [100 * p["agreement"]["rate"] for p in pts],
-                    yerr=ie.ci_err([p["agreement"] for p in pts]) * 100, fmt="sD"[i % 2], color=f"C{i}", capsize=2,
+                    yerr=ie.ci_err([p["agreement"] for p in pts]) * 100, fmt="Ds"[i % 2], color=f"C{i}", capsize=2,
+                    markersize=4 + 4 * (i % 2 == 0 and len(pts) == 1), zorder=3 + (len(pts) == 1),
                     label=f"trained: {source}")
         for p in pts:
             ax.annotate(p["label"], (p["kl"], 100 * p["agreement"]["rate"]), fontsize=6, xytext=(3, 3),
