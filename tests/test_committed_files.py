@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 import generalization_study as study  # noqa: E402
 import scale_ladder as ladder  # noqa: E402
 import tradeoff_study as tradeoff  # noqa: E402
+import agreement_floor as floor  # noqa: E402
 import gpu_benchmark as gb  # noqa: E402
 
 pt = load_paper_tables()
@@ -262,6 +263,18 @@ def test_committed_tradeoff_study_agrees_with_its_json_and_the_readme():
     assert block.group(1) == table
     for point in result["points"]:
         assert point["goals_met"] == tradeoff.goals_met(point)
+
+
+def test_committed_agreement_floor_agrees_with_its_json_and_the_readme():
+    """The floor study's table in figures/ and the README come from its JSON; its trained points are the committed
+    default run's and trade-off study's."""
+    result = json.loads((ROOT / "figures" / "agreement_floor.json").read_text())
+    table = floor.floor_table(result) + "\n"
+    assert table == (ROOT / "figures" / "agreement_floor.md").read_text()
+    block = re.search(r"<!-- floor:start -->\n(.*?)<!-- floor:end -->", (ROOT / "README.md").read_text(), re.S)
+    assert block.group(1) == table
+    assert result["trained"] == floor.trained_points(ROOT / "figures")
+    assert result["rows"][0]["scale"] == 0 and result["rows"][0]["kl"] == 0 and result["rows"][0]["agreement"]["rate"] == 1
 
 
 def test_committed_study_outputs_agree_with_their_json_and_the_readme(tmp_path):
