@@ -45,14 +45,34 @@ def test_rotary_in_token_layout_matches_transformers():
         assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_one_query_attention_equals_sdpa_with_a_boolean_mask(kv_heads):
+    """The decode step's attention equals transformers' SDPA attention for one query per row over a partly masked
+    static cache (grouped heads included), values and layout; any other call is SDPA's own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    gen = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4 // kv_heads, True
+    query = torch.randn(3, 4, 1, 8, generator=gen)
+    key, value = (torch.randn(3, kv_heads, 10, 8, generator=gen) for _ in range(2))
+    mask = torch.rand(3, 1, 1, 10, generator=gen) < 0.6
+    mask[:, 0, 0, 0] = True
+    out, _ = ie.one_query_attention(module, query, key, value, mask, sdpa=sdpa_attention_forward, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    assert out.shape == ref.shape == (3, 1, 4, 8) and torch.allclose(out, ref, atol=1e-6)
+    prefill = torch.randn(3, 4, 2, 8, generator=gen), mask.expand(3, 1, 2, 10)
+    assert ie.one_query_attention(module, prefill[0], key, value, prefill[1], sdpa=lambda *a, **k: "sdpa") == "sdpa"
+
+
 def test_fast_path_switches_are_undone_and_llama_only(tok, monkeypatch):
-    """Forced on (as on CUDA): the rotary function, the cuDNN attention switch and the fused norms are in place inside
-    the context and restored after it, also after an exception; a non-Llama model gets none of them; the CPU (or
-    --no-cuda-speedups) gets nothing at all."""
+    """Forced on (as on CUDA): the rotary function, the decode attention, the cuDNN attention switch and the fused norms
+    are in place inside the context and restored after it, also after an exception; a non-Llama model gets none of
+    them; the CPU (or --no-cuda-speedups) gets nothing at all."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformers.models.llama import modeling_llama
     model, cfg = make_tiny(tok, layers=2), ie.Config(layer=1)
     original, cudnn = modeling_llama.apply_rotary_pos_emb, torch.backends.cuda.cudnn_sdp_enabled()
+    sdpa = modeling_llama.ALL_ATTENTION_FUNCTIONS["sdpa"]
     with ie.cuda_fast_path(model, cfg) as info:  # the CPU: nothing
         assert info == {} and modeling_llama.apply_rotary_pos_emb is original
     monkeypatch.setattr(ie, "fast_path_on", lambda model, cfg: True)
@@ -61,13 +81,17 @@ def test_fast_path_switches_are_undone_and_llama_only(tok, monkeypatch):
             assert info["fused_rms_norms"] == 5 and model.model.norm.forward.func is ie.fused_rms_norm
             assert modeling_llama.apply_rotary_pos_emb is ie.rotary_in_token_layout
             assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert modeling_llama.ALL_ATTENTION_FUNCTIONS["sdpa"].func is ie.one_query_attention
             raise RuntimeError("inside")
     assert modeling_llama.apply_rotary_pos_emb is original and torch.backends.cuda.cudnn_sdp_enabled() == cudnn
+    assert modeling_llama.ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+    assert "sdpa" not in modeling_llama.ALL_ATTENTION_FUNCTIONS._local_mapping
     assert "forward" not in model.model.norm.__dict__
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=2))
     with ie.cuda_fast_path(qwen, cfg) as info:
         assert info == {"cuda_fast_path": True} and modeling_llama.apply_rotary_pos_emb is original
+        assert modeling_llama.ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
 
 
 def test_no_cuda_speedups_is_a_flag_and_the_switch(tiny):
