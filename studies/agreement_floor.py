@@ -13,6 +13,7 @@ agreement lower than a random change of that KL gives, and how high can agreemen
 
     python studies/agreement_floor.py                    # the embedded model on this machine
     python studies/agreement_floor.py --scales 0 0.01 0.03 --model smollm2-135m
+    python studies/agreement_floor.py --trained-only     # after a new default run or trade-off study: nothing measured
 
 Outputs go to --figures: agreement_floor.json, agreement_floor.md (the table) and agreement_floor.png (agreement
 against KL, Wilson 95% CIs). Any other flag goes to the pipeline (--model, --dtype, --eval-batch-size, --seed, ...).
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "points are read from)")
     parser.add_argument("--scales", type=float, nargs="+", default=DEFAULT_SCALES,
                         help="standard deviations of the random LoRA B matrices (0: the base model exactly)")
+    parser.add_argument("--trained-only", action="store_true", help=(
+        "measure nothing: re-read the trained points (after a new default run or trade-off study) into the existing "
+        "agreement_floor.json and rewrite its table and figure"))
     return parser
 
 
@@ -170,7 +174,13 @@ def main(argv=None) -> int:
         cfg = ie.resolve_config(ie.config_from_args(pipeline_args))
         figures = Path(args.figures)
         figures.mkdir(parents=True, exist_ok=True)
-        result = {**measure(cfg, args.scales), "trained": trained_points(figures)}
+        if args.trained_only:
+            measured = ie.read_json_or_none(figures / "agreement_floor.json")
+            if measured is None:
+                raise ie.ConfigError(f"--trained-only needs a finished {figures / 'agreement_floor.json'}")
+        else:
+            measured = measure(cfg, args.scales)
+        result = {**measured, "trained": trained_points(figures)}
         ie.write_json(figures / "agreement_floor.json", result)
         (figures / "agreement_floor.md").write_text(floor_table(result) + "\n")
         plot_floor(result, figures / "agreement_floor.png")

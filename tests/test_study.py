@@ -149,6 +149,22 @@ def test_agreement_floor_measures_known_changes_and_reads_the_trained_points(tmp
     assert floor.main(["--scales", "-1", "--figures", str(fig)]) == 2
 
 
+def test_agreement_floor_trained_only_keeps_the_measurements_and_rereads_the_trained_points(tmp_path):
+    """--trained-only measures nothing: the floor rows of agreement_floor.json stay, the trained points are re-read
+    from the folder's metrics.json and tradeoff_study.json; without a finished JSON it is a one-line error."""
+    import shutil
+    import agreement_floor as floor
+    assert floor.main(["--trained-only", "--figures", str(tmp_path)]) == 2
+    for name in ("agreement_floor.json", "tradeoff_study.json"):
+        shutil.copy(ROOT / "figures" / name, tmp_path)
+    assert floor.main(["--trained-only", "--figures", str(tmp_path)]) == 0
+    before = json.loads((ROOT / "figures" / "agreement_floor.json").read_text())
+    after = json.loads((tmp_path / "agreement_floor.json").read_text())
+    assert after["rows"] == before["rows"] and after["trained"] == floor.trained_points(tmp_path)
+    assert all(p["source"].startswith("trade-off study") for p in after["trained"])  # no metrics.json copied
+    assert (tmp_path / "agreement_floor.md").read_text() == floor.floor_table(after) + "\n"
+
+
 def test_answer_kl_against_another_model_is_zero_for_the_same_model(tok):
     from conftest import make_tiny
     model = make_tiny(tok)
