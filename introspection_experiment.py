@@ -3700,8 +3700,8 @@ def seeds_table(summary: dict, seeds: list[int]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CUDA fast path — speed only, the same functions: fused RMSNorm, rotary in the token layout, no cuDNN attention,
-# one-query decode attention by matmuls, CUDA graphs for decoding and for the training step. Taken on CUDA when
+# CUDA fast path — speed only, the same functions: LoRA in fewer kernels, fused RMSNorm, rotary in the token layout,
+# no cuDNN attention, one-query decode attention by matmuls, CUDA graphs for decoding and for the training step. Taken on CUDA when
 # cfg.cuda_speedups is on (the default; --no-cuda-speedups turns it off); the CPU never takes it, so CPU runs stay
 # byte-reproducible.
 
@@ -3729,9 +3729,9 @@ def split_fallback(devices: list[str]) -> str | None:
 
 @contextmanager
 def cuda_fast_path(model, cfg: Config):
-    """For the duration of a run, on the CUDA fast path of a Llama-architecture model: fused RMSNorm kernels on this
-    model, Llama's rotary embedding in the token layout, decode steps' attention by matmuls (one_query_attention),
-    and scaled-dot-product attention without the cuDNN backend
+    """For the duration of a run, on the CUDA fast path: LoRA layers through LoraDelta (any model), and for a
+    Llama-architecture model fused RMSNorm kernels on this model, Llama's rotary embedding in the token layout, decode
+    steps' attention by matmuls (one_query_attention), and scaled-dot-product attention without the cuDNN backend
     (torch's first choice on Hopper), which compiles a kernel for each new batch shape (0.1-2 s each, ~10 s per run);
     flash attention (causal training) and memory-efficient attention (padded prefill, decode) need no compilation and
     were as fast. Everything is restored on exit, also after an exception. Yields what it did, for metrics.json
@@ -3741,7 +3741,8 @@ def cuda_fast_path(model, cfg: Config):
         reason = split_fallback(model_devices(model)) if cfg.cuda_speedups else None
         yield {"cuda_fast_path": False, "cuda_fast_path_off": reason} if reason else {}
         return
-    info = {"cuda_fast_path": True}
+    from peft.tuners.lora import layer as lora_layer
+    info = {"cuda_fast_path": True, "lora": "fused"}
     llama = unwrap(model).config.model_type == "llama"
     if llama:
         from transformers.models.llama import modeling_llama
@@ -3753,11 +3754,14 @@ def cuda_fast_path(model, cfg: Config):
         modeling_llama.apply_rotary_pos_emb = rotary_in_token_layout
         attention["sdpa"] = functools.partial(one_query_attention, sdpa=attention["sdpa"])
         torch.backends.cuda.enable_cudnn_sdp(False)
+    peft_forward = lora_layer.Linear.forward
+    lora_layer.Linear.forward = functools.partialmethod(fused_lora_forward, peft_forward=peft_forward)
     log.info("CUDA fast path on (--no-cuda-speedups turns it off): %s",
-             ", ".join(f"{k}={v}" for k, v in info.items() if k != "cuda_fast_path") or "CUDA graphs only (not Llama)")
+             ", ".join(f"{k}={v}" for k, v in info.items() if k != "cuda_fast_path"))
     try:
         yield info
     finally:
+        lora_layer.Linear.forward = peft_forward
         if llama:
             modeling_llama.apply_rotary_pos_emb = rotary
             if own_sdpa is None:
@@ -3821,6 +3825,66 @@ def one_query_attention(module, query, key, value, attention_mask, sdpa, scaling
     weights = torch.softmax(torch.where(attention_mask, scores, float("-inf")), dim=-1, dtype=torch.float32)
     out = torch.matmul(weights.to(value.dtype), value)
     return out.reshape(rows, heads, 1, dim).transpose(1, 2), None
+
+
+class LoraDelta(torch.autograd.Function):
+    """One vanilla LoRA adapter on its base layer's output: `result` + scaling · dropout(x)·Aᵀ·Bᵀ, computed in x's
+    dtype (A and B cast from their float32 weights, as autocast does) in two matrix products, the second also adding
+    the scaled product to `result` (peft: two products, a scaling, an add). Backward accumulates A's and B's float32
+    gradients in place in A.grad and B.grad, straight from their products (add_product_to_grad; peft returns bf16
+    gradients that are cast and then added), and folds the scaling into the dropout's backward. `p` is the dropout
+    probability while training, 0 otherwise."""
+
+    @staticmethod
+    def forward(ctx, result, x, a, b, scaling: float, p: float):
+        ctx.x_shape, ctx.a, ctx.b, ctx.scaling, ctx.p = x.shape, a, b, scaling, p
+        x = x.reshape(-1, x.shape[-1])
+        xd, mask = torch.native_dropout(x, p, True) if p else (x, None)
+        a_, b_ = a.to(x.dtype), b.to(x.dtype)
+        h = xd @ a_.t()
+        ctx.save_for_backward(xd, h, a_, b_, mask)
+        return torch.addmm(result.reshape(-1, result.shape[-1]), h, b_.t(), alpha=scaling).view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xd, h, a_, b_, mask = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = g @ b_  # the gradient of h, divided by the scaling
+        add_product_to_grad(ctx.b, g.t(), h, ctx.scaling)
+        add_product_to_grad(ctx.a, gb.t(), xd, ctx.scaling)
+        gx = None
+        if ctx.needs_input_grad[1]:
+            gx = gb @ a_
+            gx = (torch.ops.aten.native_dropout_backward(gx, mask, ctx.scaling / (1 - ctx.p)) if mask is not None
+                  else gx * ctx.scaling).view(ctx.x_shape)
+        return grad, gx, None, None, None, None
+
+
+def add_product_to_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> None:
+    """param.grad += alpha · m1 @ m2 in param's dtype, in one product (half-precision factors into a float32 gradient
+    through cuBLAS's out_dtype); the gradient is allocated as zeros on first use."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    if m1.dtype == param.dtype:
+        param.grad.addmm_(m1, m2, alpha=alpha)
+    else:
+        torch.addmm(param.grad, m1, m2, alpha=alpha, out_dtype=param.dtype, out=param.grad)
+
+
+def fused_lora_forward(module, x: torch.Tensor, *args, peft_forward, **kwargs) -> torch.Tensor:
+    """peft's LoRA Linear forward through LoraDelta when the layer runs one vanilla adapter (no bias, variant, mixed
+    batch or merge; the input cast to the base output's dtype, as peft's input casting is skipped under autocast);
+    anything else (an adapter disabled, several, DoRA, ...) is peft's own `peft_forward`."""
+    names = [name for name in module.active_adapters if name in module.lora_A]
+    if (module.disable_adapters or module.merged or args or kwargs or len(names) != 1 or names[0] in module.lora_variant
+            or module.lora_B[names[0]].bias is not None):
+        return peft_forward(module, x, *args, **kwargs)
+    name = names[0]
+    result = module.base_layer(x)
+    dropout = module.lora_dropout[name]
+    p = dropout.p if module.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+    return LoraDelta.apply(result, x.to(result.dtype), module.lora_A[name].weight, module.lora_B[name].weight,
+                           module.scaling[name], p)
 
 
 @contextmanager
@@ -3939,7 +4003,8 @@ class StaticDecoder:
 
 class GraphedStep:
     """`forward_backward` on fixed-shape batches, captured once as a CUDA graph and replayed. A 7B LoRA step at batch 4
-    is ~22 ms of GPU work in ~4,400 kernels whose launches cost the host several times that; a replay is one launch.
+    is ~18 ms of GPU work in thousands of kernels whose launches cost the host several times that; a replay is one
+    launch.
     One eager warm-up step first allocates .grad and the cuBLAS workspaces. Gradients accumulate into the same .grad
     tensors on every replay (so they are zeroed, never set to None)."""
 

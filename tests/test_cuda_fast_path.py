@@ -2,6 +2,8 @@
 rotary in the token layout), and its process-wide switches are undone when the run ends and touch only Llama models.
 On a GPU (marker `cuda`, skipped without CUDA: python -m pytest -m cuda tests/test_cuda_fast_path.py): graphed decoding
 gives transformers' tokens, and the graphed training step gives eager execution's losses and LoRA gradients."""
+import functools
+
 import pytest
 import torch
 
@@ -64,6 +66,75 @@ def test_one_query_attention_equals_sdpa_with_a_boolean_mask(kv_heads):
     assert ie.one_query_attention(module, prefill[0], key, value, prefill[1], sdpa=lambda *a, **k: "sdpa") == "sdpa"
 
 
+def lora_model(tok, dropout: float):
+    """A tiny LoRA model (float32, CPU) with B drawn at random (at its zero init A's gradients would be zero)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(make_tiny(tok, layers=2), LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout,
+                                                                target_modules=ie.LORA_TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+def lora_forward_backward(model, ids):
+    """Logits, input-embedding-free loss backward; returns (logits, every LoRA gradient by name)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_fused_lora_matches_peft(tok, monkeypatch):
+    """LoRA layers through LoraDelta (the fast path's forward) equal peft's own: logits and every LoRA gradient
+    (float32, dropout 0, training mode), also when gradients accumulate over two steps; a disabled adapter is peft's
+    path (the base model's logits)."""
+    from peft.tuners.lora import layer as lora_layer
+    ids = torch.randint(0, len(tok), (3, 9), generator=torch.Generator().manual_seed(0))
+    model = lora_model(tok, 0.0).train()
+    ref_logits, ref_grads = lora_forward_backward(model, ids)
+    with model.disable_adapter():
+        base = model(input_ids=ids).logits.detach()
+    monkeypatch.setattr(lora_layer.Linear, "forward", functools.partialmethod(
+        ie.fused_lora_forward, peft_forward=lora_layer.Linear.forward))
+    calls = []
+    monkeypatch.setattr(ie.LoraDelta, "apply", lambda *a, real=ie.LoraDelta.apply: calls.append(1) or real(*a))
+    logits, grads = lora_forward_backward(model, ids)
+    assert len(calls) == 2 * len(ie.LORA_TARGETS)  # two layers
+    assert torch.allclose(logits, ref_logits, atol=1e-5) and grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
+    model(input_ids=ids).logits.square().mean().backward()  # accumulates onto the first step's gradients
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert torch.allclose(p.grad, 2 * ref_grads[name], rtol=1e-4, atol=1e-6), name
+    with model.disable_adapter():
+        assert torch.equal(model(input_ids=ids).logits, base) and len(calls) == 2 * 2 * len(ie.LORA_TARGETS)
+
+
+def test_lora_delta_dropout_is_peft_formula():
+    """With dropout p: LoraDelta's output and gradients (x, A, B) equal result + s · (x·m/(1-p))·Aᵀ·Bᵀ for the mask
+    m that torch.native_dropout draws from the same seed; p = 0 (evaluation) uses no mask."""
+    gen = torch.Generator().manual_seed(0)
+    result, x = torch.randn(2, 5, 6, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    a, b = torch.randn(3, 8, generator=gen), torch.randn(6, 3, generator=gen)
+    for p in (0.3, 0.0):
+        torch.manual_seed(1)
+        xd = torch.native_dropout(x.reshape(-1, 8), p, True)[0].view_as(x) if p else x
+        masked = (xd != 0).float() / (1 - p) if p else torch.ones_like(x)
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        ref = result + 2.5 * (leaves[0] * masked) @ leaves[1].t() @ leaves[2].t()
+        ref.sin().sum().backward()
+        xg, ag, bg = (t.clone().requires_grad_() for t in (x, a, b))
+        torch.manual_seed(1)
+        out = ie.LoraDelta.apply(result, xg, ag, bg, 2.5, p)
+        out.sin().sum().backward()
+        assert torch.allclose(out, ref, atol=1e-5)
+        for got, want in zip((xg.grad, ag.grad, bg.grad), (t.grad for t in leaves)):  # summation order differs
+            assert float((got - want).norm() / want.norm()) < 1e-5
+
+
 def test_fast_path_switches_are_undone_and_llama_only(tok, monkeypatch):
     """Forced on (as on CUDA): the rotary function, the decode attention, the cuDNN attention switch and the fused norms
     are in place inside the context and restored after it, also after an exception; a non-Llama model gets none of
@@ -73,6 +144,8 @@ def test_fast_path_switches_are_undone_and_llama_only(tok, monkeypatch):
     model, cfg = make_tiny(tok, layers=2), ie.Config(layer=1)
     original, cudnn = modeling_llama.apply_rotary_pos_emb, torch.backends.cuda.cudnn_sdp_enabled()
     sdpa = modeling_llama.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    from peft.tuners.lora import layer as lora_layer
+    peft_forward = lora_layer.Linear.forward
     with ie.cuda_fast_path(model, cfg) as info:  # the CPU: nothing
         assert info == {} and modeling_llama.apply_rotary_pos_emb is original
     monkeypatch.setattr(ie, "fast_path_on", lambda model, cfg: True)
@@ -82,15 +155,17 @@ def test_fast_path_switches_are_undone_and_llama_only(tok, monkeypatch):
             assert modeling_llama.apply_rotary_pos_emb is ie.rotary_in_token_layout
             assert not torch.backends.cuda.cudnn_sdp_enabled()
             assert modeling_llama.ALL_ATTENTION_FUNCTIONS["sdpa"].func is ie.one_query_attention
+            assert vars(lora_layer.Linear)["forward"].func is ie.fused_lora_forward and info["lora"] == "fused"
             raise RuntimeError("inside")
     assert modeling_llama.apply_rotary_pos_emb is original and torch.backends.cuda.cudnn_sdp_enabled() == cudnn
     assert modeling_llama.ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
     assert "sdpa" not in modeling_llama.ALL_ATTENTION_FUNCTIONS._local_mapping
-    assert "forward" not in model.model.norm.__dict__
+    assert "forward" not in model.model.norm.__dict__ and lora_layer.Linear.forward is peft_forward
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=2))
     with ie.cuda_fast_path(qwen, cfg) as info:
-        assert info == {"cuda_fast_path": True} and modeling_llama.apply_rotary_pos_emb is original
+        assert info == {"cuda_fast_path": True, "lora": "fused"} and modeling_llama.apply_rotary_pos_emb is original
+        assert vars(lora_layer.Linear)["forward"].func is ie.fused_lora_forward
         assert modeling_llama.ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
 
 
@@ -132,6 +207,34 @@ def test_graphed_decoding_equals_transformers_generate(tok, mode):
         assert torch.equal(e[:, :width], g[:, :width])
         assert (g[:, width:] == tok.pad_token_id).all() and (e[:, width:] == tok.pad_token_id).all()
     assert not torch.equal(expected[0], ie.generate(model, tok, batches[0], inputs[0][0], torch.zeros(3), off))
+
+
+@pytest.mark.cuda
+def test_fused_lora_under_autocast_is_as_exact_as_peft(tok, monkeypatch):
+    """On a GPU in bfloat16 (autocast, peft's input casting skipped, as in training), against peft in float32 as the
+    truth: LoraDelta's logits and float32 LoRA gradients (accumulated in place from bf16 factors by cuBLAS's
+    out_dtype) are as close as peft's own bf16 path (within 2x of its error), where a wrong scaling or a dropped
+    accumulation is off by O(1)."""
+    from peft.tuners.lora import layer as lora_layer
+    ids = torch.randint(0, len(tok), (3, 9), generator=torch.Generator().manual_seed(0)).cuda()
+    model = lora_model(tok, 0.0).cuda().train()
+    truth = lora_forward_backward(model, ids)
+    runs = []
+    for fused in (False, True):
+        if fused:
+            monkeypatch.setattr(lora_layer.Linear, "forward", functools.partialmethod(
+                ie.fused_lora_forward, peft_forward=lora_layer.Linear.forward))
+        with torch.autocast("cuda", dtype=torch.bfloat16), ie.lora_input_casting_skipped(model, True):
+            runs.append(lora_forward_backward(model, ids))
+
+    def error(got, want):
+        return float((got.float() - want).norm() / want.norm())
+
+    (peft_logits, peft_grads), (logits, grads) = runs
+    assert error(logits, truth[0]) <= 2 * error(peft_logits, truth[0]) + 1e-3
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        assert error(grad, truth[1][name]) <= 2 * error(peft_grads[name], truth[1][name]) + 1e-3, name
 
 
 def lora_batches(tok, model, count):
