@@ -3701,9 +3701,9 @@ def seeds_table(summary: dict, seeds: list[int]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # CUDA fast path — speed only, the same functions: LoRA in fewer kernels, fused RMSNorm, rotary in the token layout,
-# no cuDNN attention, one-query decode attention by matmuls, CUDA graphs for decoding and for the training step. Taken on CUDA when
-# cfg.cuda_speedups is on (the default; --no-cuda-speedups turns it off); the CPU never takes it, so CPU runs stay
-# byte-reproducible.
+# no cuDNN attention, one-query decode attention by matmuls, CUDA graphs for decoding and for the training step. Taken
+# on CUDA when cfg.cuda_speedups is on (the default; --no-cuda-speedups turns it off); the CPU never takes it, so CPU
+# runs stay byte-reproducible.
 
 
 def fast_path_on(model, cfg: Config) -> bool:
