@@ -3741,7 +3741,6 @@ def cuda_fast_path(model, cfg: Config):
         reason = split_fallback(model_devices(model)) if cfg.cuda_speedups else None
         yield {"cuda_fast_path": False, "cuda_fast_path_off": reason} if reason else {}
         return
-    from peft.tuners.lora import layer as lora_layer
     info = {"cuda_fast_path": True, "lora": "fused"}
     llama = unwrap(model).config.model_type == "llama"
     if llama:
@@ -3754,14 +3753,12 @@ def cuda_fast_path(model, cfg: Config):
         modeling_llama.apply_rotary_pos_emb = rotary_in_token_layout
         attention["sdpa"] = functools.partial(one_query_attention, sdpa=attention["sdpa"])
         torch.backends.cuda.enable_cudnn_sdp(False)
-    peft_forward = lora_layer.Linear.forward
-    lora_layer.Linear.forward = functools.partialmethod(fused_lora_forward, peft_forward=peft_forward)
     log.info("CUDA fast path on (--no-cuda-speedups turns it off): %s",
              ", ".join(f"{k}={v}" for k, v in info.items() if k != "cuda_fast_path"))
     try:
-        yield info
+        with fused_lora_layers():
+            yield info
     finally:
-        lora_layer.Linear.forward = peft_forward
         if llama:
             modeling_llama.apply_rotary_pos_emb = rotary
             if own_sdpa is None:
@@ -3885,6 +3882,19 @@ def fused_lora_forward(module, x: torch.Tensor, *args, peft_forward, **kwargs) -
     p = dropout.p if module.training and isinstance(dropout, torch.nn.Dropout) else 0.0
     return LoraDelta.apply(result, x.to(result.dtype), module.lora_A[name].weight, module.lora_B[name].weight,
                            module.scaling[name], p)
+
+
+@contextmanager
+def fused_lora_layers():
+    """Inside: every peft LoRA Linear layer runs fused_lora_forward (process-wide); peft's own forward is restored on
+    exit, also after an exception."""
+    from peft.tuners.lora import layer as lora_layer
+    peft_forward = lora_layer.Linear.forward
+    lora_layer.Linear.forward = functools.partialmethod(fused_lora_forward, peft_forward=peft_forward)
+    try:
+        yield
+    finally:
+        lora_layer.Linear.forward = peft_forward
 
 
 @contextmanager

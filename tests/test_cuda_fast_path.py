@@ -1,8 +1,9 @@
 """The CUDA fast path (the script's last section). On any machine: its functions equal transformers' (fused RMSNorm,
-rotary in the token layout), and its process-wide switches are undone when the run ends and touch only Llama models.
-On a GPU (marker `cuda`, skipped without CUDA: python -m pytest -m cuda tests/test_cuda_fast_path.py): graphed decoding
-gives transformers' tokens, and the graphed training step gives eager execution's losses and LoRA gradients."""
-import functools
+rotary in the token layout) and peft's (LoRA layers), and its process-wide switches are undone when the run ends (the
+Llama ones touch only Llama models). On a GPU (marker `cuda`, skipped without CUDA: python -m pytest -m cuda
+tests/test_cuda_fast_path.py): graphed decoding gives transformers' tokens, the fused LoRA layers under autocast are as
+exact as peft's, and the graphed training step gives eager execution's losses and LoRA gradients."""
+import contextlib
 
 import pytest
 import torch
@@ -79,7 +80,8 @@ def lora_model(tok, dropout: float):
 
 
 def lora_forward_backward(model, ids):
-    """Logits, input-embedding-free loss backward; returns (logits, every LoRA gradient by name)."""
+    """Gradients zeroed, one forward and backward of a squared-logit loss; returns (logits, every LoRA gradient by
+    name)."""
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=ids).logits
     logits.square().mean().backward()
@@ -91,26 +93,27 @@ def test_fused_lora_matches_peft(tok, monkeypatch):
     (float32, dropout 0, training mode), also when gradients accumulate over two steps; a disabled adapter is peft's
     path (the base model's logits)."""
     from peft.tuners.lora import layer as lora_layer
+    peft_forward = lora_layer.Linear.forward
     ids = torch.randint(0, len(tok), (3, 9), generator=torch.Generator().manual_seed(0))
     model = lora_model(tok, 0.0).train()
     ref_logits, ref_grads = lora_forward_backward(model, ids)
     with model.disable_adapter():
         base = model(input_ids=ids).logits.detach()
-    monkeypatch.setattr(lora_layer.Linear, "forward", functools.partialmethod(
-        ie.fused_lora_forward, peft_forward=lora_layer.Linear.forward))
     calls = []
     monkeypatch.setattr(ie.LoraDelta, "apply", lambda *a, real=ie.LoraDelta.apply: calls.append(1) or real(*a))
-    logits, grads = lora_forward_backward(model, ids)
-    assert len(calls) == 2 * len(ie.LORA_TARGETS)  # two layers
-    assert torch.allclose(logits, ref_logits, atol=1e-5) and grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
-    model(input_ids=ids).logits.square().mean().backward()  # accumulates onto the first step's gradients
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            assert torch.allclose(p.grad, 2 * ref_grads[name], rtol=1e-4, atol=1e-6), name
-    with model.disable_adapter():
-        assert torch.equal(model(input_ids=ids).logits, base) and len(calls) == 2 * 2 * len(ie.LORA_TARGETS)
+    with ie.fused_lora_layers():
+        logits, grads = lora_forward_backward(model, ids)
+        assert len(calls) == 2 * len(ie.LORA_TARGETS)  # two layers
+        assert torch.allclose(logits, ref_logits, atol=1e-5) and grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
+        model(input_ids=ids).logits.square().mean().backward()  # accumulates onto the first step's gradients
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                assert torch.allclose(p.grad, 2 * ref_grads[name], rtol=1e-4, atol=1e-6), name
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, base) and len(calls) == 2 * 2 * len(ie.LORA_TARGETS)
+    assert lora_layer.Linear.forward is peft_forward
 
 
 def test_lora_delta_dropout_is_peft_formula():
@@ -210,21 +213,17 @@ def test_graphed_decoding_equals_transformers_generate(tok, mode):
 
 
 @pytest.mark.cuda
-def test_fused_lora_under_autocast_is_as_exact_as_peft(tok, monkeypatch):
+def test_fused_lora_under_autocast_is_as_exact_as_peft(tok):
     """On a GPU in bfloat16 (autocast, peft's input casting skipped, as in training), against peft in float32 as the
     truth: LoraDelta's logits and float32 LoRA gradients (accumulated in place from bf16 factors by cuBLAS's
     out_dtype) are as close as peft's own bf16 path (within 2x of its error), where a wrong scaling or a dropped
     accumulation is off by O(1)."""
-    from peft.tuners.lora import layer as lora_layer
     ids = torch.randint(0, len(tok), (3, 9), generator=torch.Generator().manual_seed(0)).cuda()
     model = lora_model(tok, 0.0).cuda().train()
     truth = lora_forward_backward(model, ids)
     runs = []
-    for fused in (False, True):
-        if fused:
-            monkeypatch.setattr(lora_layer.Linear, "forward", functools.partialmethod(
-                ie.fused_lora_forward, peft_forward=lora_layer.Linear.forward))
-        with torch.autocast("cuda", dtype=torch.bfloat16), ie.lora_input_casting_skipped(model, True):
+    for layers in (contextlib.nullcontext, ie.fused_lora_layers):
+        with torch.autocast("cuda", dtype=torch.bfloat16), ie.lora_input_casting_skipped(model, True), layers():
             runs.append(lora_forward_backward(model, ids))
 
     def error(got, want):
