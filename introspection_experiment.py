@@ -181,14 +181,15 @@ RANDOM_SHAPES = {
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 INJECTION_MODES = ["final-token", "all", "generation"]
+LM_MIXING = ["joint", "shuffled"]
 SCORING_MODES = ["generate", "logprob"]
 TRAINING_SETTINGS = ["lora_rank", "lora_alpha", "lora_dropout", "lr", "epochs", "batch_size", "grad_accum",
                      "positives_per_concept", "load_in_4bit"]  # recorded in metrics.json
 
 
-RECIPES = {  # defaults of the language-modelling options, by --recipe (the trade-off study's chosen point)
-    "assistant": {"replay": 1.0, "kl_weight": 4.0, "continue_examples": 0.0},
-    "paper": {"replay": 0.0, "kl_weight": 0.0, "continue_examples": 0.0},
+RECIPES = {  # defaults of the language-modelling options and the learning rate, by --recipe (the trade-off study's point)
+    "assistant": {"replay": 1.0, "kl_weight": 4.0, "continue_examples": 0.0, "lr": 3e-4},
+    "paper": {"replay": 0.0, "kl_weight": 0.0, "continue_examples": 0.0, "lr": 2e-4},
 }
 
 
@@ -273,7 +274,9 @@ class Config:
         "how much of the target answer greedy decoding would reproduce (the same verdicts, far cheaper; no yes/no "
         "questions)")})
     epochs: int = field(default=3, metadata={"help": "LoRA training epochs"})
-    lr: float = field(default=2e-4, metadata={"help": "learning rate (constant, no warmup)"})
+    lr: float | None = field(default=None, metadata={"help": (
+        "learning rate (constant, no warmup); default by --recipe: the paper's 2e-4, or 3e-4 for the assistant recipe, "
+        "whose joint steps share each update between the report and the language-modelling terms")})
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank r"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
@@ -311,9 +314,10 @@ class Config:
     tokenizer: str | None = field(default=None, metadata={"help": (
         "tokenizer of a random:SHAPE model (a folder or hub id); default: the embedded model's")})
     recipe: str = field(default="assistant", metadata={"choices": list(RECIPES), "help": (
-        "the defaults of --replay, --kl-weight and --continue-examples: assistant = "
+        "the defaults of --replay, --kl-weight, --continue-examples and --lr: assistant = "
         + ", ".join(f"{k} {v:g}" for k, v in RECIPES["assistant"].items())
-        + " (introspection training that keeps the assistant); paper = all 0 (the paper's recipe: report loss only)")})
+        + " (introspection training that keeps the assistant); paper = no replay, KL or continue examples, lr 2e-4 "
+        "(the paper's recipe: report loss only)")})
     replay: float | None = field(default=None, metadata={"help": (
         f"self-distillation replay: RATIO x (introspection dataset size) prompts of the training split of "
         f"{ORDINARY_PROMPTS_FILE.name}, answered once by the base model itself (greedy, no injection; cached in the run "
@@ -333,6 +337,14 @@ class Config:
         "with a training concept injected (target: the report sentence, then the base model's own answer), half without "
         "(the base answer alone); report-then-continue is evaluated on the held-out prompts in every run; default by "
         "--recipe")})
+    lm_mixing: str = field(default="joint", metadata={"choices": LM_MIXING, "help": (
+        "how the ordinary-prompt rows (--replay, --continue-examples) join training. joint: every step takes "
+        "--batch-size introspection rows and an equal share of the ordinary rows, and its loss is the report "
+        "cross-entropy (mean over the introspection rows' target tokens) plus the language-modelling cross-entropy "
+        "(mean over the ordinary rows' target tokens) plus the KL term: the introspection schedule of the paper's "
+        "recipe, with the language-modelling term in every step. shuffled: the ordinary rows are examples of their own, "
+        "shuffled among the introspection rows into steps of --batch-size rows, one cross-entropy over all target "
+        "tokens of a step (more, smaller steps)")})
     cuda_speedups: bool = field(default=True, metadata={"flag": "--no-cuda-speedups", "help": (
         "turn off the CUDA fast path (fused RMSNorm, rotary in the token layout, no cuDNN attention, CUDA graphs for "
         "decoding and training; see the last section of the script): CUDA then runs the CPU's code path")})
@@ -465,7 +477,7 @@ def validate_config(cfg: Config) -> None:
     if not 0 <= cfg.random_negatives <= 1:
         raise ConfigError("--random-negatives is a fraction of the negatives: between 0 and 1")
     validate_language_modelling(cfg)
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+    if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"--lora-dropout is a probability: 0 <= p < 1, got {cfg.lora_dropout}")
@@ -541,7 +553,8 @@ def resolve_config(cfg: Config) -> Config:
     """The config a run actually uses, decided before anything runs (and hashed, and written to config.json): the
     model (the embedded one when none was chosen and there is no CUDA), the layer (default floor(2*num_layers/3) of
     the model's depth, read from its config without loading weights; checked against it), the train strengths (by
-    model), the eval strengths (default: the train strengths) and the language-modelling options (by --recipe).
+    model), the eval strengths (default: the train strengths), the language-modelling options and the learning rate
+    (by --recipe).
     Validates first; idempotent."""
     cfg = dataclasses.replace(cfg, **{k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None})
     validate_config(cfg)
@@ -1866,13 +1879,16 @@ def build_dataset(train_concepts: list[str], strengths: list[str], positives_per
 
 
 def validate_language_modelling(cfg: Config) -> None:
-    """Checks of --replay, --replay-tokens, --kl-weight, --continue-examples and of the shipped prompt files."""
+    """Checks of --replay, --replay-tokens, --kl-weight, --continue-examples, --lm-mixing and of the shipped prompt
+    files."""
     for name in ("replay", "continue_examples", "kl_weight"):
         value = getattr(cfg, name)  # None: not given, decided by --recipe in resolve_config
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0")
     if cfg.replay_tokens < 1:
         raise ConfigError("--replay-tokens must be >= 1")
+    if cfg.lm_mixing not in LM_MIXING:
+        raise ConfigError(f"--lm-mixing must be one of {', '.join(LM_MIXING)}, got {cfg.lm_mixing!r}")
     ordinary_prompts()  # readable, with disjoint splits (reads the exact answers too)
 
 
@@ -2156,8 +2172,7 @@ def run_trials(model, tok, trials: list[dict], vectors: dict[str, torch.Tensor],
     later = {"matched", "distractor"}  # greedy, after the others: the other batches and seeds unchanged by them
     groups = [(False, [t for t in trials if t["split"] not in SAMPLED_SPLITS | later]),
               (cfg.control_temperature > 0, [t for t in trials if t["split"] in SAMPLED_SPLITS]),
-              (False, [t for t in trials if t["split"] == "matched"]),
-              (False, [t for t in trials if t["split"] == "distractor"])]
+              (False, [t for t in trials if t["split"] in later])]
     batches = [(sample, group[i:i + cfg.eval_batch_size]) for sample, group in groups
                for i in range(0, len(group), cfg.eval_batch_size)]
     decoder = None
@@ -2421,39 +2436,50 @@ def summarize_distractor(rows: list[dict]) -> dict:
 
 
 def tokenize_examples(dataset, tok, prompt_format: str, kl_negatives: bool = False) -> list[dict]:
+    """Training rows as token ids; `part` is the loss term a row's targets belong to: "report" (introspection rows)
+    or "lm" (ordinary-prompt rows: replay, report-then-continue)."""
     examples = []
     for row in dataset:
         prompt = question_ids(row["question"], tok, prompt_format)
         completion = row.get("target_ids") or completion_ids(row["completion"], tok, prompt_format)
         examples.append({"prompt": prompt, "completion": completion, "concept": row["concept"],
-                         "strength": row["strength"], "kl": kl_applies(row, kl_negatives)})
+                         "strength": row["strength"], "kl": kl_applies(row, kl_negatives),
+                         "part": "report" if row.get("kind", "introspection") == "introspection" else "lm"})
     return examples
 
 
 def collate(batch: list[dict], vectors: dict[str, torch.Tensor], typical_norm: float, pad_id: int,
-            shape: tuple[int, int] | None = None, positions: int | None = None) -> dict:
+            shape: tuple[int, int] | None = None, positions: int | None = None, joint: bool = False) -> dict:
     """Right-padded teacher-forced batch, injection at each row's last prompt token. The loss positions: `where`
     indexes the flattened [rows * width] positions whose next token is a completion token (completion + EOS),
-    `targets` holds those tokens and `base_rows` their rows in the table of base logits (an example's `base_row`, set
-    by `base_logits_table` for examples under the KL term, onwards; 0 for the others). Right padding needs no attention
-    mask: under causal attention no real token sees the pads after it. `shape` (rows, width) pads to a fixed shape with
-    extra all-padding rows; `positions` pads the loss positions to a fixed count with entries that carry no loss
-    (position 0, target -100, base row 0): a CUDA graph replays on fixed shapes."""
+    `targets` holds those tokens, `weights` their weights in the cross-entropy (1 / the batch's target count: the mean;
+    `joint`: 1 / the target count of the row's part, so each part's term is its own mean) and `base_rows` their rows in
+    the table of base logits (an example's `base_row`, set by `base_logits_table` for examples under the KL term,
+    onwards; 0 for the others). Right padding needs no attention mask: under causal attention no real token sees the
+    pads after it. `shape` (rows, width) pads to a fixed shape with extra all-padding rows; `positions` pads the loss
+    positions to a fixed count with entries that carry no loss (position 0, target -100, weight 0, base row 0): a CUDA
+    graph replays on fixed shapes."""
     rows, width = shape or (len(batch), max(len(e["prompt"]) + len(e["completion"]) for e in batch))
     ids = torch.full((rows, width), pad_id)
-    where, targets, base_rows = [], [], []
+    part = (lambda e: e["part"]) if joint else (lambda e: "all")
+    counts = {}
+    for e in batch:
+        counts[part(e)] = counts.get(part(e), 0) + len(e["completion"])
+    where, targets, weights, base_rows = [], [], [], []
     for b, e in enumerate(batch):
         seq = e["prompt"] + e["completion"]
         ids[b, :len(seq)] = torch.tensor(seq)
         where += range(b * width + len(e["prompt"]) - 1, b * width + len(seq) - 1)  # logits at t predict t + 1
         targets += e["completion"]
+        weights += [1 / counts[part(e)]] * len(e["completion"])
         first = e.get("base_row", 0)
         base_rows += range(first, first + len(e["completion"])) if first else [0] * len(e["completion"])
     extra = (positions or len(where)) - len(where)
     padding = rows - len(batch)
     vecs, alphas = injection_rows(batch, vectors, typical_norm, padding)
     return {"input_ids": ids, "where": torch.tensor(where + [0] * extra), "targets": torch.tensor(targets + [-100] * extra),
-            "base_rows": torch.tensor(base_rows + [0] * extra), "vectors": vecs, "alphas": alphas,
+            "weights": torch.tensor(weights + [0.0] * extra), "base_rows": torch.tensor(base_rows + [0] * extra),
+            "vectors": vecs, "alphas": alphas,
             "prompt_end": torch.tensor([len(e["prompt"]) - 1 for e in batch] + [0] * padding)}
 
 
@@ -2467,10 +2493,12 @@ def make_optimizer(params, lr: float, device: torch.device, quantized: bool):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda")
 
 
-def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Generator) -> list[list[int]]:
-    """Shuffled mini-batches of similar length (less padding): shuffle, sort windows of 16 batches by length,
-    cut them into batches, shuffle the batches."""
-    order = torch.randperm(len(examples), generator=gen).tolist()
+def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Generator,
+                            indices: list[int] | None = None) -> list[list[int]]:
+    """Shuffled mini-batches of similar length (less padding) of `indices` into `examples` (default: all): shuffle,
+    sort windows of 16 batches by length, cut them into batches, shuffle the batches."""
+    indices = list(range(len(examples))) if indices is None else indices
+    order = [indices[j] for j in torch.randperm(len(indices), generator=gen).tolist()]
     window = batch_size * 16
     batches = []
     for i in range(0, len(order), window):
@@ -2479,29 +2507,85 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, gen: torch.Ge
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def batch_layouts(examples: list[dict], under_kl: list[bool], batch_size: int) -> dict[bool, tuple[tuple[int, int], int]]:
-    """The fixed layouts of the CUDA fast path's training batches, keyed by whether a batch holds an example under the
-    KL term: (shape, loss positions) for `collate`, fitting any batch of that kind (with such an example: any
-    examples; without: only the others). Short introspection batches then replay a narrower graph than the long
-    replay ones, and one without the KL term."""
-    def layout(group: list[dict]) -> tuple[tuple[int, int], int]:
-        return ((batch_size, max(len(e["prompt"]) + len(e["completion"]) for e in group)),
-                batch_size * max(len(e["completion"]) for e in group))
+def step_batches(examples: list[dict], batch_size: int, gen: torch.Generator, joint: bool) -> list[list[int]]:
+    """One epoch's steps (indices into `examples`): length-bucketed batches of `batch_size`; `joint`: of the "report"
+    rows, each joined by one length-bucketed share of the "lm" rows (ceil(lm rows / steps) rows; the last steps may
+    get none)."""
+    if not joint:
+        return length_bucketed_batches(examples, batch_size, gen)
+    report = [i for i, e in enumerate(examples) if e["part"] == "report"]
+    lm = [i for i, e in enumerate(examples) if e["part"] == "lm"]
+    steps = length_bucketed_batches(examples, batch_size, gen, report)
+    shares = length_bucketed_batches(examples, -(-len(lm) // len(steps)), gen, lm) if lm else []
+    return [step + (shares[i] if i < len(shares) else []) for i, step in enumerate(steps)]
 
-    plain = [e for e, kl in zip(examples, under_kl) if not kl]
-    return {**({False: layout(plain)} if plain else {}), **({True: layout(examples)} if any(under_kl) else {})}
+
+def steps_per_epoch(examples: list[dict], batch_size: int, joint: bool) -> int:
+    """How many steps step_batches makes of `examples`."""
+    return -(-sum(not joint or e["part"] == "report" for e in examples) // batch_size)
+
+
+Layout = tuple[tuple[int, int], int]  # ((rows, width), loss positions) of a fixed-shape batch, for `collate`
+
+
+def pass_shape(idx: list[int], examples: list[dict]) -> tuple[int, int, int]:
+    """(rows, width, loss positions) of a batch of `examples` at `idx`, unpadded."""
+    return (len(idx), max(len(examples[i]["prompt"]) + len(examples[i]["completion"]) for i in idx),
+            sum(len(examples[i]["completion"]) for i in idx))
+
+
+def batch_layouts(batches: list[list[int]], examples: list[dict], under_kl: list[bool]) -> dict[tuple[bool, int], Layout]:
+    """The fixed layouts of the CUDA fast path's training batches (`batches`: every batch of the run, indices into
+    `examples`), keyed by (whether a batch holds an example under the KL term, the layout's width); each the smallest
+    that fits every batch it serves, a batch going to the narrowest layout of its kind that fits (layout_key). A kind
+    gets two widths where that saves a tenth of its padded tokens (width_split)."""
+    by_kind: dict[bool, list[tuple[int, int, int]]] = {}
+    for idx in batches:
+        by_kind.setdefault(any(under_kl[i] for i in idx), []).append(pass_shape(idx, examples))
+    layouts = {}
+    for kl, shapes in sorted(by_kind.items()):
+        for group in width_split(shapes):
+            rows, width, positions = (max(shape[k] for shape in group) for k in range(3))
+            layouts[kl, width] = ((rows, width), positions)
+    return layouts
+
+
+def width_split(shapes: list[tuple[int, int, int]], saving: float = 0.1) -> list[list[tuple[int, int, int]]]:
+    """`shapes` (rows, width, positions) in one group, or in two split at the width that minimises the padded tokens
+    (batches x rows x width of each group's layout) when that saves at least `saving` of one group's: each layout is
+    one more CUDA graph capture (~0.4 s for a 7B), worth it for widths spread like those of replay answers."""
+    def cost(group):
+        return len(group) * max(s[0] for s in group) * max(s[1] for s in group) if group else 0
+
+    best, split = cost(shapes), None
+    for width in sorted({s[1] for s in shapes})[:-1]:
+        groups = [[s for s in shapes if s[1] <= width], [s for s in shapes if s[1] > width]]
+        if sum(map(cost, groups)) < best:
+            best, split = sum(map(cost, groups)), groups
+    return split if split and best <= (1 - saving) * cost(shapes) else [shapes]
+
+
+def layout_key(idx: list[int], examples: list[dict], under_kl: list[bool], layouts: dict) -> tuple[bool, int]:
+    """The key in batch_layouts' `layouts` of the narrowest layout of the batch's kind that fits it."""
+    kl = any(under_kl[i] for i in idx)
+    rows, width, positions = pass_shape(idx, examples)
+    return min((key for key, ((r, w), p) in layouts.items() if key[0] == kl and r >= rows and w >= width
+                and p >= positions), key=lambda key: key[1])
 
 
 def forward_backward(model, batch: dict, cfg: Config, autocast, scaler, base_logits: torch.Tensor | None = None
                      ) -> torch.Tensor:
     """One micro-batch: forward with the injection, the LM head at the loss positions only, backward of
-    loss / grad_accum; returns the detached loss: the report cross-entropy (mean over the batch's targets), plus
-    kl_weight x `kl_to_base` given the table of base logits (`base_logits_table`; a batch with no token under the KL term
-    passes None: the term is 0 there)."""
+    loss / grad_accum; returns the detached loss: the cross-entropy of the targets under `collate`'s weights (the
+    mean over the batch's targets, or under the joint loss the sum of each part's mean), plus kl_weight x `kl_to_base`
+    given the table of base logits (`base_logits_table`; a batch with no token under the KL term passes None: the term
+    is 0 there)."""
     with (injection(model, cfg.layer, batch["vectors"], batch["alphas"], batch["prompt_end"], cfg.injection_mode),
           lm_head_at(model, batch["where"]), autocast):
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch["targets"].to(logits.device), ignore_index=-100)
+        token_loss = torch.nn.functional.cross_entropy(logits.float(), batch["targets"].to(logits.device),
+                                                       ignore_index=-100, reduction="none")
+        loss = (token_loss * batch["weights"].to(logits.device)).sum()
         if cfg.kl_weight and base_logits is not None:
             loss = loss + cfg.kl_weight * kl_to_base(base_logits, batch, logits)
     scaler.scale(loss / cfg.grad_accum).backward()
@@ -2567,10 +2651,13 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
     its batches' collation to its losses read back. On CUDA: autocast in the model's dtype (a gradient scaler for
     fp16), batches moved to the GPU before each epoch and losses read back once per epoch, so the host never waits on
     the GPU inside the loop. The KL term's base logits are computed once, before the adapter exists
-    (base_logits_table). With the CUDA fast path, batches padded to the fixed layout of their kind (batch_layouts)
-    and the forward+backward step replayed from that layout's CUDA graph (GraphedStep; eager if capture fails), captured
-    like every step with peft's input casting skipped. 4-bit models train the same way: no gradient checkpointing, as
-    the activations of these short sequences are small (~1 GB at batch 4 for a 7B)."""
+    (base_logits_table). Steps by cfg.lm_mixing (step_batches): under the joint loss each step's introspection rows and
+    ordinary rows are one forward pass on the CUDA fast path (one kernel per product for all rows) and two elsewhere,
+    one per part (the short report rows are not padded to the answers' width); the loss is the same. With the CUDA
+    fast path, batches padded to the narrowest fixed layout of their kind that fits (batch_layouts, layout_key) and the
+    forward+backward step replayed from that layout's CUDA graph (GraphedStep; eager if capture fails), captured like every step with peft's input
+    casting skipped. 4-bit models train the same way: no gradient checkpointing, as the activations of these short
+    sequences are small (~1 GB at batch 4 for a 7B)."""
     from peft import LoraConfig, get_peft_model
     device = input_device(model)
     dtype = unwrap(model).get_input_embeddings().weight.dtype
@@ -2590,36 +2677,50 @@ def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_no
                                getattr(model, "is_loaded_in_4bit", False))
     order_gen = torch.Generator().manual_seed(cfg.seed)
     fast = fast_path_on(model, cfg)
-    layouts = batch_layouts(examples, under_kl, cfg.batch_size) if fast else {}
+    joint = cfg.lm_mixing == "joint"
+    plan = [step_batches(examples, cfg.batch_size, order_gen, joint) for _ in range(cfg.epochs)]
 
-    def batch_of(idx: list[int]) -> tuple[bool, dict]:
-        """(whether the batch holds an example under the KL term, its collated tensors on the device)"""
-        kl = any(under_kl[i] for i in idx)
-        return kl, {k: v.to(device) for k, v in collate([examples[i] for i in idx], vectors, typical_norm,
-                                                         tok.pad_token_id, *layouts.get(kl, (None, None))).items()}
+    def passes(idx: list[int]) -> list[list[int]]:
+        """A step's forward passes: all its rows at once, or under the joint loss off the fast path one per part."""
+        if fast or not joint:
+            return [idx]
+        return [p for p in ([i for i in idx if examples[i]["part"] == part] for part in ("report", "lm")) if p]
 
-    step_fns = {kl: functools.partial(forward_backward, peft_model, cfg=cfg, autocast=autocast, scaler=scaler,
-                                      base_logits=base_logits if kl else None) for kl in (False, True)}
+    all_passes = [p for epoch in plan for idx in epoch for p in passes(idx)]
+    layouts = batch_layouts(all_passes, examples, under_kl) if fast else {}
+
+    def batch_of(idx: list[int]) -> tuple[tuple[bool, int | None], dict]:
+        """(its step function's key: whether the pass holds an example under the KL term and, on the fast path, its
+        layout's width; its collated tensors on the device)"""
+        key = layout_key(idx, examples, under_kl, layouts) if fast else (any(under_kl[i] for i in idx), None)
+        return key, {k: v.to(device) for k, v in collate([examples[i] for i in idx], vectors, typical_norm,
+                                                          tok.pad_token_id, *layouts.get(key, (None, None)),
+                                                          joint=joint).items()}
+
+    step_fns = {(kl, width): functools.partial(forward_backward, peft_model, cfg=cfg, autocast=autocast, scaler=scaler,
+                                               base_logits=base_logits if kl else None)
+                for kl, width in layouts or [(False, None), (True, None)]}
     graphed = False
     losses = []
     peft_model.train()
-    steps = math.ceil(len(examples) / cfg.batch_size)
-    log.info("Training LoRA: %d examples, %d epochs of %d micro-batches of %d (%s)", len(examples), cfg.epochs, steps,
-             cfg.batch_size, "CUDA fast path" if fast else "eager")
+    steps = len(plan[0])
+    log.info("Training LoRA: %d examples, %d epochs of %d micro-batches of up to %d rows (%s; %s)", len(examples),
+             cfg.epochs, steps, max(map(len, plan[0])), f"{cfg.lm_mixing} loss" if any(
+                 e["part"] == "lm" for e in examples) else "report loss", "CUDA fast path" if fast else "eager")
     bar = Progress(cfg.epochs * steps, "train LoRA")
     with lora_input_casting_skipped(peft_model, fast):
         if fast:  # one CUDA graph per layout, captured before the first step (their warm-up gradients are then dropped)
-            for kl in layouts:
-                step_fns[kl], on_graph = graphed_or_eager(step_fns[kl], batch_of(
-                    [i for i, k in enumerate(under_kl) if k == kl][:cfg.batch_size])[1])
+            for key in layouts:
+                example = next(p for p in all_passes if layout_key(p, examples, under_kl, layouts) == key)
+                step_fns[key], on_graph = graphed_or_eager(step_fns[key], batch_of(example)[1])
                 graphed |= on_graph
             optimizer.zero_grad(set_to_none=not graphed)
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
-            batches = [batch_of(idx) for idx in length_bucketed_batches(examples, cfg.batch_size, order_gen)]
+            batches = [[batch_of(p) for p in passes(idx)] for idx in plan[epoch]]
             step_losses, pending = [], []
-            for step, (kl, batch) in enumerate(batches):
-                pending.append(step_fns[kl](batch))
+            for step, step_passes in enumerate(batches):
+                pending.append(sum(step_fns[key](batch) for key, batch in step_passes))
                 if len(pending) == cfg.grad_accum or step == len(batches) - 1:  # no gradient is dropped at epoch end
                     scaler.step(optimizer)
                     scaler.update()
@@ -3610,6 +3711,7 @@ def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]]
                                                 "replay_tokens": cfg.replay_tokens, "kl_weight": cfg.kl_weight,
                                                 "kl_negatives": cfg.kl_negatives,
                                                 "continue_examples": cfg.continue_examples,
+                                                "lm_mixing": cfg.lm_mixing,
                                                 "replay_rows": sum(r["kind"] == "replay" for r in ordinary_rows),
                                                 "continue_rows": sum(r["kind"] == "continue" for r in ordinary_rows)}},
             "concepts": {k: concepts[k] for k in ("train", "heldout")},

@@ -91,7 +91,8 @@ def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
             tokens = training_tokens(examples) * cfg.epochs
             row.update(items=len(examples) * cfg.epochs, unit="examples", tokens=tokens,
                        tokens_per_s=tokens / times[stage], mfu=flops * tokens / times[stage] / PEAK_FLOPS,
-                       step_ms=1000 * times[stage] / (cfg.epochs * -(-len(examples) // cfg.batch_size)))
+                       step_ms=1000 * times[stage] / (cfg.epochs * ie.steps_per_epoch(
+                           examples, cfg.batch_size, joint=cfg.lm_mixing == "joint")))
         elif stage.startswith("capability_"):
             row.update(items=len(ie.ordinary_prompts()["heldout"]) + len(ie.exact_answers()),
                        unit="held-out + exact-answer prompts + prose")

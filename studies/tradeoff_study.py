@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Trade-off study: what does keeping the assistant cost the introspection skill? Points of replay ratio x KL weight
 x report-then-continue ratio (the pipeline's `--replay`, `--kl-weight`, `--continue-examples`; 0:0:0 is the paper's
-recipe) for two protocols, the paper's (prompt-end vectors) and word vectors with random negatives; every point is one
+recipe, `--recipe paper`, and every other point the default recipe's training, the joint loss at its learning rate,
+with its own values) for two protocols, the paper's (prompt-end vectors) and word vectors with random negatives; every point is one
 resumable `introspection_experiment.run` in its own run directory under --runs, one model load shared by all points,
 and a finished point is read back without loading.
 
@@ -85,7 +86,9 @@ def sweep(study: Study, args) -> dict:
     rows = []
     for protocol, spec in [(p, s) for p in args.protocols for s in args.points[p]]:
         point = parse_point(spec)
-        m = study.run(f"tradeoff/{protocol}-{spec.replace(':', '_')}", **point, **PROTOCOLS[protocol])
+        paper = not (point["replay"] or point["kl_weight"] or point["continue_examples"])  # 0:0:0 is --recipe paper
+        m = study.run(f"tradeoff/{protocol}-{spec.replace(':', '_')}", **point, **PROTOCOLS[protocol],
+                      **({"recipe": "paper"} if paper else {}))
         numbers = point_metrics(m)
         rows.append({"protocol": protocol_name(m["settings"]["vector_token"], PROTOCOLS[protocol].get("random_negatives", 0)),
                      **point, **numbers, "goals_met": goals_met(numbers)})
@@ -114,7 +117,7 @@ def tradeoff_table(result: dict) -> str:
              f"{p['continue_examples']:g}", *(fmt(n, p[n]) for n in names),
              str(len(p["goals_met"])) + (" (all)" if len(p["goals_met"]) == len(GOAL) else "")]
             for p in result["points"]]
-    recipe = ":".join(f"{v:g}" for v in ie.RECIPES["assistant"].values())
+    recipe = ":".join(f"{ie.RECIPES['assistant'][k]:g}" for k in ("replay", "kl_weight", "continue_examples"))
     intro = (f"Model: {result['model']} on {', '.join(result['hardware'])}; seed {result['seed']}; the pipeline's default "
              f"recipe (--recipe assistant) is the point {recipe}, the paper's (--recipe paper) 0:0:0; fine-tuned model, "
              "all strengths pooled (Wilson 95% CIs); capability on the held-out ordinary prompts, no injection. Goal: "

@@ -286,11 +286,14 @@ def test_graphed_training_step_equals_eager_forward_backward(tok):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kl_weight", [0.0, 4.0], ids=["report-only", "replay-and-KL"])
-def test_fast_path_training_gives_the_eager_losses(tok, kl_weight, monkeypatch):
-    """train_lora on the fast path (fixed layouts, CUDA graphs, peft's input casting skipped) and with
-    --no-cuda-speedups: the same loss at every optimizer step, to float32 rounding. With replay rows under the KL
-    term the fast path captures two graphs (batches with and without a KL token; batch_layouts)."""
+@pytest.mark.parametrize("kl_weight, mixing, steps", [(0.0, "joint", 4), (4.0, "joint", 4), (4.0, "shuffled", 5)],
+                         ids=["report-only", "replay-and-KL-joint", "replay-and-KL-shuffled"])
+def test_fast_path_training_gives_the_eager_losses(tok, kl_weight, mixing, steps, monkeypatch):
+    """train_lora on the fast path (fixed layouts, CUDA graphs, peft's input casting skipped; a joint step in one
+    pass) and with --no-cuda-speedups (a joint step in two passes, one per part): the same loss at every optimizer
+    step, to float32 rounding. With replay rows under the KL term the fast path captures two graphs (batches with and
+    without a KL token; batch_layouts). 10 introspection rows and 5 replay rows at batch 3: 4 joint steps an epoch (the
+    last without a replay row), 5 shuffled ones."""
     rows = [{"question": q, "completion": ie.POSITIVE_COMPLETION.format(concept=c), "concept": c, "strength": "1x",
              "injected": True} for q, c in zip(ie.DETECTION_QUESTIONS, ["fire", "ocean", "king", "storm", "fire"])]
     rows += [{"question": q, "completion": ie.NEGATIVE_COMPLETION, "concept": "", "strength": "", "injected": False}
@@ -311,12 +314,12 @@ def test_fast_path_training_gives_the_eager_losses(tok, kl_weight, monkeypatch):
     losses = []
     for speedups in (True, False):
         cfg = ie.Config(layer=2, epochs=2, batch_size=3, lora_rank=4, lora_dropout=0.0, cuda_speedups=speedups,
-                        kl_weight=kl_weight)
+                        kl_weight=kl_weight, lm_mixing=mixing, lr=2e-4)
         model = cuda_tiny(tok)
         with ie.cuda_fast_path(model, cfg):
             _, log = ie.train_lora(model, tok, rows, vectors, 20.0, cfg)
         losses.append([step["loss"] for step in log])
-    assert graphs == [False] * (2 if kl_weight else 1)  # captured as every step runs: with the casting skipped
+    assert graphs and not any(graphs) and len(graphs) >= (2 if kl_weight else 1)  # one per layout, casting skipped
     # autocast runs both in bf16 and the padded shapes take other kernels: equal to bf16 rounding, tighter at step 0
-    assert len(losses[0]) == 2 * -(-len(rows) // 3) and losses[0][0] == pytest.approx(losses[1][0], rel=5e-3)
+    assert len(losses[0]) == 2 * steps and losses[0][0] == pytest.approx(losses[1][0], rel=5e-3)
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)

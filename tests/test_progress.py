@@ -38,6 +38,6 @@ def test_the_stages_log_their_start_with_counts(tiny, tok, caplog):
     ie.run_trials(tiny, tok, spec, {**vectors, **randoms, "-volcano": -vectors["volcano"]}, 1.0, cfg, "base")
     distractor = sum(t["split"] == "distractor" for t in spec)  # 3 injected + no injection with 'fire', 'ocean' named
     assert distractor == 3 + 2
-    batches = -(-(len(spec) - 2 - 1 - distractor) // 4) + 1 + 1 + -(-distractor // 4)  # greedy, sampled, matched, distractor
+    batches = -(-(len(spec) - 2 - 1 - distractor) // 4) + 1 + -(-(1 + distractor) // 4)  # greedy, sampled, matched + distractor
     assert f"Evaluating introspection on the base model: {len(spec)} trials in {batches} batches" in caplog.text
     assert "eval introspection base: " in caplog.text

@@ -133,7 +133,8 @@ def test_kl_weight_trains_with_micro_batches_and_grad_accum(tok):
         runs[weight] = ([l["loss"] for l in losses], adapter_kl(peft_model, batch, table))
         peft_model.unload()
     (plain, plain_kl), (with_kl, kl_kl) = runs[0.0], runs[5.0]
-    assert len(plain) == len(with_kl) == 6  # 24 rows in micro-batches of 2, two per optimizer step
+    assert len(plain) == len(with_kl) == 4  # 16 introspection rows in micro-batches of 2, each joined by a replay
+    # row (the joint loss), two micro-batches per optimizer step
     assert plain[0] == pytest.approx(with_kl[0], abs=1e-6) and plain[1:] != pytest.approx(with_kl[1:], abs=1e-6)
     assert 0 < kl_kl < plain_kl
 
@@ -215,6 +216,7 @@ def test_replay_answers_are_generated_once_and_reused_on_resume(tok, tmp_path, m
     (["--kl-weight", "nan"], "--kl-weight must be a finite number >= 0"),
     (["--continue-examples", "-0.5"], "--continue-examples must be"),
     (["--replay-tokens", "0"], "--replay-tokens must be >= 1"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
 ])
 def test_bad_language_modelling_flags_are_one_clear_error(tmp_path, caplog, extra, message):
     code, text = run_main(["--model", "random:tiny"] + extra + ["--output-dir", str(tmp_path / "run")], caplog)
@@ -231,7 +233,7 @@ def test_pipeline_with_replay_kl_and_continue_records_everything_and_resumes(tmp
     size = metrics["settings"]["dataset_size"]
     assert metrics["settings"]["language_modelling"] == {
         "recipe": "paper", "replay": 1.0, "replay_tokens": 4, "kl_weight": 1.0, "kl_negatives": False,
-        "continue_examples": 0.5, "replay_rows": size, "continue_rows": size // 2}  # given values win over the recipe
+        "continue_examples": 0.5, "lm_mixing": "joint", "replay_rows": size, "continue_rows": size // 2}  # given values win over the recipe
     assert {"agreement", "answer_kl", "exact_answers", "template_leak"} <= set(metrics["capability"])
     assert set(metrics["continue"]) == set(ie.CONTINUE_SPLITS)
     assert "Report-then-continue" in (out / "results.md").read_text()
@@ -252,7 +254,10 @@ def test_recipe_decides_the_unset_language_modelling_options():
     assistant = ie.resolve_config(ie.Config(model="random:tiny"))
     assert {k: getattr(assistant, k) for k in ie.RECIPES["assistant"]} == ie.RECIPES["assistant"]
     paper = ie.resolve_config(ie.Config(model="random:tiny", recipe="paper"))
-    assert (paper.replay, paper.kl_weight, paper.continue_examples) == (0, 0, 0)
+    assert (paper.replay, paper.kl_weight, paper.continue_examples, paper.lr) == (0, 0, 0, 2e-4)  # the paper's
+    assert (assistant.lm_mixing, paper.lm_mixing) == ("joint", "joint")  # no ordinary rows under the paper's recipe
+    with pytest.raises(ie.ConfigError, match="--lm-mixing must be one of joint, shuffled"):
+        ie.resolve_config(ie.Config(model="random:tiny", lm_mixing="mixed"))
     given = ie.resolve_config(ie.Config(model="random:tiny", recipe="paper", kl_weight=2.0))
     assert (given.replay, given.kl_weight) == (0, 2.0)  # a given value wins over the recipe
     assert ie.resolve_config(given) == given  # idempotent
