@@ -2520,11 +2520,6 @@ def step_batches(examples: list[dict], batch_size: int, gen: torch.Generator, jo
     return [step + (shares[i] if i < len(shares) else []) for i, step in enumerate(steps)]
 
 
-def steps_per_epoch(examples: list[dict], batch_size: int, joint: bool) -> int:
-    """How many steps step_batches makes of `examples`."""
-    return -(-sum(not joint or e["part"] == "report" for e in examples) // batch_size)
-
-
 Layout = tuple[tuple[int, int], int]  # ((rows, width), loss positions) of a fixed-shape batch, for `collate`
 
 

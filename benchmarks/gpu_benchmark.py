@@ -89,10 +89,11 @@ def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
         if stage in ("train", "safety_train"):
             examples = trained_examples(run_dir, cfg, tok, stage)
             tokens = training_tokens(examples) * cfg.epochs
+            adapter = "adapter" if stage == "train" else "safety_adapter"
+            steps = len(json.loads((run_dir / f"{adapter}_train_log.json").read_text()))  # the run's optimizer steps
             row.update(items=len(examples) * cfg.epochs, unit="examples", tokens=tokens,
                        tokens_per_s=tokens / times[stage], mfu=flops * tokens / times[stage] / PEAK_FLOPS,
-                       step_ms=1000 * times[stage] / (cfg.epochs * ie.steps_per_epoch(
-                           examples, cfg.batch_size, joint=cfg.lm_mixing == "joint")))
+                       step_ms=1000 * times[stage] / steps)
         elif stage.startswith("capability_"):
             row.update(items=len(ie.ordinary_prompts()["heldout"]) + len(ie.exact_answers()),
                        unit="held-out + exact-answer prompts + prose")
