@@ -39,17 +39,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import introspection_experiment as ie  # noqa: E402
+from machinery import fastpath, models, rundir
 
 PEAK_FLOPS = 989e12
 log = logging.getLogger("benchmark")
 
 
 def sync() -> None:
-    ie.synchronize_gpus()
+    rundir.synchronize_gpus()
 
 
 def peak_gib():
-    return ie.peak_gpu_gib() if torch.cuda.is_available() else None
+    return rundir.peak_gpu_gib() if torch.cuda.is_available() else None
 
 
 def training_tokens(examples: list[dict]) -> int:
@@ -59,9 +60,9 @@ def training_tokens(examples: list[dict]) -> int:
 
 def flops_per_token(model, cfg: ie.Config) -> int:
     """4 FLOPs per frozen matmul weight (forward + input gradient) and 6 per LoRA weight (+ weight gradient)."""
-    lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for name, m in ie.decoder_layers(model).named_modules()
+    lora = sum(cfg.lora_rank * (m.in_features + m.out_features) for name, m in models.decoder_layers(model).named_modules()
                if name.rsplit(".", 1)[-1] in ie.LORA_TARGETS)
-    return 4 * ie.matmul_weights(model) + 6 * lora
+    return 4 * models.matmul_weights(model) + 6 * lora
 
 
 def trained_examples(run_dir: Path, cfg: ie.Config, tok, stage: str) -> list[dict]:
@@ -81,7 +82,7 @@ def stage_rows(run_dir: Path, cfg: ie.Config, flops: int, tok) -> list[dict]:
     """One row per pipeline stage, from the run's timings, trials and datasets (`cfg` resolved as the run did)."""
     from datasets import load_from_disk
     times = json.loads((run_dir / "timings.json").read_text())
-    trials = ie.read_jsonl(run_dir / "trials.jsonl")
+    trials = rundir.read_jsonl(run_dir / "trials.jsonl")
     n_concepts = len(ie.TRAIN_CONCEPTS) + len(ie.HELDOUT_CONCEPTS)
     rows = []
     for stage in [k for k in times if not k.endswith("_peak_gib") and k != "load_model"]:
@@ -119,18 +120,18 @@ def throughput(cfg: ie.Config, micro_batches: list[int]) -> list[dict]:
     """LoRA training at each micro-batch on one fresh model, 2 epochs each: the second epoch, after graph capture and
     warm-up, is timed (steady state). Peak memory covers both epochs."""
     gc.collect()  # the pipeline's model, kept alive by reference cycles, must not count in the peaks
-    model, tok, _ = ie.load_model(cfg)
+    model, tok, _ = models.load_model(cfg)
     cfg = dataclasses.replace(ie.resolve_config(cfg), grad_accum=1, epochs=2)
-    vectors = dict(zip(ie.TRAIN_CONCEPTS, ie.random_directions(len(ie.TRAIN_CONCEPTS), ie.text_config(model).hidden_size,
+    vectors = dict(zip(ie.TRAIN_CONCEPTS, ie.random_directions(len(ie.TRAIN_CONCEPTS), models.text_config(model).hidden_size,
                                                                0).values()))
     dataset = ie.build_dataset(ie.TRAIN_CONCEPTS, ["40", "60", "80", "100"], cfg.positives_per_concept, cfg.seed)
     tokens = training_tokens(ie.tokenize_examples(dataset, tok, cfg.prompt_format))
     flops = flops_per_token(model, cfg)
     rows = []
-    with ie.cuda_fast_path(model, cfg):  # the run's CUDA speed-ups, as in ie.run
+    with fastpath.cuda_fast_path(model, cfg):  # the run's CUDA speed-ups, as in ie.run
         for micro_batch in micro_batches:
             sync()
-            ie.reset_gpu_peaks()
+            rundir.reset_gpu_peaks()
             epochs = []  # train_lora's per-epoch records: wall time from collation to the losses read back (a device sync)
             trained, _ = ie.train_lora(model, tok, dataset, vectors, 1.0, dataclasses.replace(cfg, batch_size=micro_batch),
                                        on_epoch=epochs.append)
@@ -165,13 +166,13 @@ def main() -> int:
                                   tokenizer=args.tokenizer, epochs=args.epochs, output_dir=str(Path(tmp) / "run"),
                                   device_map=args.device_map, max_gpu_memory=args.max_gpu_memory)
         start = time.perf_counter()
-        loaded = ie.load_model(cfg)
+        loaded = models.load_model(cfg)
         sync()
         model_creation_s = time.perf_counter() - start
         flops = flops_per_token(loaded[0], cfg)
         metrics = ie.run(cfg, loaded)
         del loaded
-        tok = ie.load_tokenizer(args.tokenizer) if args.tokenizer else ie.load_embedded_tokenizer()
+        tok = models.load_tokenizer(args.tokenizer) if args.tokenizer else models.load_embedded_tokenizer()
         rows = stage_rows(Path(cfg.output_dir), ie.resolve_config(cfg), flops, tok)
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "model": args.model, "random_weights": True,
               "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
@@ -185,7 +186,7 @@ def main() -> int:
               "flops_per_token": flops, "flop_count": f"4 * N + 6 * L = {flops:.4g}, N = "
                                  f"{metrics['model']['matmul_weights']:.4g} frozen weights in matmuls (decoder linears + "
                                  "LM head), L LoRA weights; MFU vs 989 TFLOP/s",
-              "environment": ie.environment(), "setup_s": round(setup_s, 3),
+              "environment": rundir.environment(), "setup_s": round(setup_s, 3),
               "model_creation_s": round(model_creation_s, 3),
               "stages": rows,
               "total_compute_s": sum(r["seconds"] for r in rows if not is_extra(r)),

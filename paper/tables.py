@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from introspection_experiment import (  # noqa: E402
-    SAFETY_CATEGORIES, ConfigError, atomic_path, cli, model_label, parse_strength, pct, rate, read_artifact, read_jsonl,
-    require_complete, select)
+from introspection_experiment import SAFETY_CATEGORIES, parse_strength, rate, select  # noqa: E402
+from machinery import ConfigError, cli  # noqa: E402
+from machinery.report import model_label, pct  # noqa: E402
+from machinery.rundir import atomic_path, read_artifact, read_jsonl, require_complete  # noqa: E402
 
 log = logging.getLogger("paper")
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import introspection_experiment as ie  # noqa: E402
+import machinery
+from machinery import models, report, rundir
 
 log = logging.getLogger("study")
 SWEEP_STRENGTHS = ["0.25x", "0.5x", "1x", "1.5x", "2x", "3x", "4x"]
@@ -56,15 +58,15 @@ class Study:
     def __init__(self, args, pipeline_args: list[str]):
         self.args, self.loaded, self.hardware = args, None, set()
         if "--model" not in pipeline_args:
-            pipeline_args = ["--model", ie.EMBEDDED_MODEL, *pipeline_args]
+            pipeline_args = ["--model", models.EMBEDDED_MODEL, *pipeline_args]
         self.base = dataclasses.replace(ie.config_from_args(pipeline_args), skip_safety=True)
 
     def run(self, name: str, **overrides) -> dict:
         cfg = dataclasses.replace(self.base, output_dir=str(Path(self.args.runs) / name), **overrides)
         cfg = ie.resolve_config(cfg)
-        metrics = ie.finished_metrics(Path(cfg.output_dir), cfg)  # a complete point; a partial one resumes
+        metrics = rundir.finished_metrics(Path(cfg.output_dir), cfg)  # a complete point; a partial one resumes
         if metrics is None:
-            self.loaded = self.loaded or ie.load_model(cfg)
+            self.loaded = self.loaded or models.load_model(cfg)
             metrics = ie.run(cfg, self.loaded)
         self.metrics = metrics
         self.last_hardware = hardware_of(Path(cfg.output_dir))
@@ -73,7 +75,7 @@ class Study:
 
     def describe(self) -> dict:
         """Model, hardware and seed of the points, for the figure titles and JSON."""
-        return {"model": ie.figure_label(self.metrics), "hardware": sorted(self.hardware), "seed": self.base.seed}
+        return {"model": report.figure_label(self.metrics), "hardware": sorted(self.hardware), "seed": self.base.seed}
 
 
 def scaling(study: Study, args) -> dict:
@@ -92,7 +94,7 @@ def scaling(study: Study, args) -> dict:
                            "name": protocol_name(token, fraction), "points": points})
     result = {**study.describe(), "scoring": "logprob", "curves": curves}
     plot_scaling(result, Path(args.figures) / "scaling_study.png")
-    ie.write_json(Path(args.figures) / "scaling_study.json", result)
+    rundir.write_json(Path(args.figures) / "scaling_study.json", result)
     return result
 
 
@@ -112,7 +114,7 @@ def sweep(study: Study, args) -> dict:
     result = {**study.describe(), "scoring": "logprob", "strengths": args.strengths, "layers": args.layers,
               "grids": grids}
     plot_sweep(result, Path(args.figures) / "layer_strength_heatmap.png")
-    ie.write_json(Path(args.figures) / "layer_strength_heatmap.json", result)
+    rundir.write_json(Path(args.figures) / "layer_strength_heatmap.json", result)
     return result
 
 
@@ -133,7 +135,7 @@ def controls(study: Study, args) -> dict:
             rows.append({"protocol": protocol_name(m["settings"]["vector_token"], overrides.get("random_negatives", 0)),
                          "num_train_concepts": n, "results": m["results"]})
     result = {**study.describe(), "scoring": "generate", "rows": rows}
-    ie.write_json(Path(args.figures) / "controls_table.json", result)
+    rundir.write_json(Path(args.figures) / "controls_table.json", result)
     (Path(args.figures) / "controls_table.md").write_text(controls_table(result))
     return result
 
@@ -146,12 +148,12 @@ def controls_table(result: dict) -> str:
     for row in result["rows"]:
         for state, r in row["results"].items():
             yes_no = r["yes_no"]
-            rows.append([row["protocol"], row["num_train_concepts"], state, ie.pct(r["seen"]["all"]["success"]),
-                         ie.pct(r["held-out"]["all"]["success"]), ie.pct(r["control"]["false_positive"]),
-                         ie.pct(r["random"]["all"]["detection"]), ie.pct(r["negated"]["all"]["detection"]),
-                         f"{ie.pct(yes_no['no_injection']['yes'])} / {ie.pct(yes_no['injected']['yes'])}",
-                         f"{ie.pct(yes_no['no_injection']['unanswered'])} / {ie.pct(yes_no['injected']['unanswered'])}"])
-    return intro + "\n\n" + ie.markdown_table(
+            rows.append([row["protocol"], row["num_train_concepts"], state, report.pct(r["seen"]["all"]["success"]),
+                         report.pct(r["held-out"]["all"]["success"]), report.pct(r["control"]["false_positive"]),
+                         report.pct(r["random"]["all"]["detection"]), report.pct(r["negated"]["all"]["detection"]),
+                         f"{report.pct(yes_no['no_injection']['yes'])} / {report.pct(yes_no['injected']['yes'])}",
+                         f"{report.pct(yes_no['no_injection']['unanswered'])} / {report.pct(yes_no['injected']['unanswered'])}"])
+    return intro + "\n\n" + report.markdown_table(
         ["protocol", "N", "model", "seen success", "held-out success", "control FP", "random-vector 'detection'",
          "negated-vector 'detection'", "'yes' to always-no: no injection / injected",
          "neither yes nor no: no injection / injected"], rows)
@@ -178,7 +180,7 @@ def summary(study: Study, args) -> str:
         for point in curve["points"]:
             ok = all(meets(point[name], goal) for name, goal in GOAL.items())
             met += [f"{curve['name']}, N={point['num_train_concepts']}"] if ok else []
-            rows.append([curve["name"], point["num_train_concepts"], *[ie.pct(point[name]) for name in GOAL],
+            rows.append([curve["name"], point["num_train_concepts"], *[report.pct(point[name]) for name in GOAL],
                          "yes" if ok else "no"])
     best = max(((p["held-out identification"]["rate"], c["name"], p["num_train_concepts"]) for c in result["curves"]
                 for p in c["points"]), default=None)
@@ -188,7 +190,7 @@ def summary(study: Study, args) -> str:
     fp_bound = max(p["control false positives"]["ci95"][1] for c in result["curves"] for p in c["points"])
     verdict += (f" With {result['curves'][0]['points'][0]['control false positives']['n']} control trials per point, "
                 f"a false-positive rate of at most {100 * fp_bound:.0f}% is what the 95% CIs can establish.")
-    text = intro + "\n\n" + ie.markdown_table(["protocol", "N", *GOAL, "goal met"], rows) + "\n" + verdict + "\n"
+    text = intro + "\n\n" + report.markdown_table(["protocol", "N", *GOAL, "goal met"], rows) + "\n" + verdict + "\n"
     (Path(args.figures) / "study_summary.md").write_text(text)
     return text
 
@@ -205,7 +207,7 @@ def plot_scaling(result: dict, path: Path) -> None:
         marker = "o" if not curve["random_negatives"] else "s"
         for ax, label in zip(axes, labels):
             rates = [p[label] for p in curve["points"]]
-            ax.errorbar(xs, [r["rate"] for r in rates], yerr=ie.ci_err(rates), linestyle=style, marker=marker,
+            ax.errorbar(xs, [r["rate"] for r in rates], yerr=report.ci_err(rates), linestyle=style, marker=marker,
                         capsize=3, label=curve["name"])
     points = sorted({p["num_train_concepts"] for c in result["curves"] for p in c["points"]})
     for ax, label in zip(axes, labels):
@@ -285,7 +287,7 @@ def main(argv=None) -> int:
         {"scaling": scaling, "sweep": sweep, "controls": controls, "summary": summary}[args.part](
             Study(args, pipeline_args), args)
 
-    return ie.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
+    return machinery.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
 
 
 if __name__ == "__main__":

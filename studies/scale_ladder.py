@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import introspection_experiment as ie  # noqa: E402
+import machinery
+from machinery import models, report, rundir
 from generalization_study import Study, study_parser  # noqa: E402
 
 log = logging.getLogger("ladder")
@@ -47,7 +49,7 @@ def dig(tree: dict, keys: tuple):
 def point(metrics: dict, model: str, protocol: str, hardware: str) -> dict:
     """The ladder's numbers of one finished run: rates of the fine-tuned model and its capability cost."""
     result, capability = metrics["results"]["finetuned"], metrics["capability"]
-    return {"model": model, "protocol": protocol, "label": ie.model_label(metrics["model"]), "hardware": hardware,
+    return {"model": model, "protocol": protocol, "label": report.model_label(metrics["model"]), "hardware": hardware,
             "matmul_weights": metrics["model"]["matmul_weights"], "random_weights": metrics["model"]["random_weights"],
             **{name: dig(result, keys) for name, keys in RATES},
             "perplexity change": capability["perplexity_change"], "agreement with base": capability["agreement"],
@@ -63,7 +65,7 @@ def ladder(args, pipeline_args: list[str]) -> dict:
         study = Study(args, ["--model", model, "--skip-safety", *pipeline_args])
         for protocol in args.protocols:
             log.info("Ladder point %s / %s", model, protocol)
-            metrics = study.run(f"{ie.model_slug(model)}/{protocol}", **PROTOCOLS[protocol])
+            metrics = study.run(f"{rundir.model_slug(model)}/{protocol}", **PROTOCOLS[protocol])
             points.append(point(metrics, model, protocol, study.last_hardware))
         del study  # the model's memory goes before the next one loads
     return {"points": points, "protocols": {p: PROTOCOLS[p] for p in args.protocols},
@@ -76,10 +78,10 @@ def table(result: dict) -> str:
     header = ["model", "protocol", "weights (matmul)", *names, "perplexity change", "agreement with base",
               "KL (nats/token)", "exact answers", "hardware", "wall time"]
     rows = [[p["label"] + " (RANDOM WEIGHTS)" * p["random_weights"], p["protocol"], f"{p['matmul_weights'] / 1e6:.0f}M",
-             *(ie.pct(p[n]) for n in names), f"{100 * p['perplexity change']:+.0f}%", ie.pct(p["agreement with base"]),
+             *(report.pct(p[n]) for n in names), f"{100 * p['perplexity change']:+.0f}%", report.pct(p["agreement with base"]),
              f"{p['answer KL']:.3f}", f"{100 * p['exact-answer change']:+.1f} pp", p["hardware"],
              f"{p['wall_s'] / 60:.1f} min"] for p in result["points"]]
-    return ie.markdown_table(header, rows)
+    return report.markdown_table(header, rows)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -92,7 +94,7 @@ def plot(result: dict, path: Path) -> None:
         xs = [p["matmul_weights"] for p in pts]
         for ax, name in zip(axes, PANELS):
             rates = [p[name] for p in pts]
-            ax.errorbar(xs, [r["rate"] for r in rates], yerr=ie.ci_err(rates), marker="o", capsize=3, label=protocol)
+            ax.errorbar(xs, [r["rate"] for r in rates], yerr=report.ci_err(rates), marker="o", capsize=3, label=protocol)
         axes[-1].plot(xs, [100 * p["perplexity change"] for p in pts], marker="o", label=protocol)
     sizes = {p["matmul_weights"]: f"{p['label']}\n{p['matmul_weights'] / 1e6:.0f}M" for p in result["points"]}
     for ax, name in zip(axes, PANELS + ["perplexity change (%)"]):
@@ -126,16 +128,16 @@ def main(argv=None) -> int:
     def action():
         args, pipeline_args = build_parser().parse_known_args(argv)
         for model in args.models:  # a missing package stops the ladder before any point runs
-            ie.check_model_available(model)
+            models.check_model_available(model)
         result = ladder(args, pipeline_args)
         figures = Path(args.figures)
         figures.mkdir(parents=True, exist_ok=True)
-        ie.write_json(figures / "scale_ladder.json", result)
+        rundir.write_json(figures / "scale_ladder.json", result)
         (figures / "scale_ladder.md").write_text(table(result))
         plot(result, figures / "scale_ladder.png")
         log.info("Scale ladder:\n%s", table(result))
 
-    return ie.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
+    return machinery.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import introspection_experiment as ie  # noqa: E402
+import machinery
+from machinery import report, rundir
 from generalization_study import Study, protocol_name, study_parser  # noqa: E402
 
 log = logging.getLogger("study")
@@ -76,9 +78,9 @@ def parse_point(spec: str) -> dict:
     try:
         replay, kl, cont = (float(x) for x in parts[:3])
     except ValueError:
-        raise ie.ConfigError(f"bad point {spec!r}: use REPLAY:KL:CONTINUE, e.g. 1:4:0.5 (add :neg for --kl-negatives)") from None
+        raise machinery.ConfigError(f"bad point {spec!r}: use REPLAY:KL:CONTINUE, e.g. 1:4:0.5 (add :neg for --kl-negatives)") from None
     if len(parts) not in (3, 4) or parts[3:] not in ([], ["neg"]):
-        raise ie.ConfigError(f"bad point {spec!r}: use REPLAY:KL:CONTINUE, e.g. 1:4:0.5 (add :neg for --kl-negatives)")
+        raise machinery.ConfigError(f"bad point {spec!r}: use REPLAY:KL:CONTINUE, e.g. 1:4:0.5 (add :neg for --kl-negatives)")
     return {"replay": replay, "kl_weight": kl, "continue_examples": cont, "kl_negatives": parts[3:] == ["neg"]}
 
 
@@ -93,7 +95,7 @@ def sweep(study: Study, args) -> dict:
         rows.append({"protocol": protocol_name(m["settings"]["vector_token"], PROTOCOLS[protocol].get("random_negatives", 0)),
                      **point, **numbers, "goals_met": goals_met(numbers)})
     result = {**study.describe(), "goal": {k: list(v) for k, v in GOAL.items()}, "points": rows}
-    ie.write_json(Path(args.figures) / "tradeoff_study.json", result)
+    rundir.write_json(Path(args.figures) / "tradeoff_study.json", result)
     (Path(args.figures) / "tradeoff_study.md").write_text(tradeoff_table(result))
     plot_tradeoff(result, Path(args.figures) / "tradeoff_study.png")
     return result
@@ -101,7 +103,7 @@ def sweep(study: Study, args) -> dict:
 
 def fmt(name: str, x) -> str:
     if isinstance(x, dict):
-        return ie.pct(x)
+        return report.pct(x)
     if x is None:
         return "n/a"
     return f"{100 * x:+.1f}%" if name == "perplexity change" else (
@@ -122,7 +124,7 @@ def tradeoff_table(result: dict) -> str:
              f"recipe (--recipe assistant) is the point {recipe}, the paper's (--recipe paper) 0:0:0; fine-tuned model, "
              "all strengths pooled (Wilson 95% CIs); capability on the held-out ordinary prompts, no injection. Goal: "
              + ", ".join(f"{n} {op} {b:g}" for n, (op, b) in GOAL.items()) + ".")
-    return intro + "\n\n" + ie.markdown_table(header, rows)
+    return intro + "\n\n" + report.markdown_table(header, rows)
 
 
 def plot_tradeoff(result: dict, path: Path) -> None:
@@ -144,8 +146,8 @@ def plot_tradeoff(result: dict, path: Path) -> None:
                         continue
                     x = [100 * value(p[xname]) for p in pts]
                     ys = [p[yname] for p in pts]
-                    xerr = ie.ci_err([p[xname] for p in pts]) * 100 if isinstance(pts[0][xname], dict) else None
-                    ax.errorbar(x, [100 * y["rate"] for y in ys], yerr=ie.ci_err(ys) * 100, xerr=xerr, fmt=markers[w],
+                    xerr = report.ci_err([p[xname] for p in pts]) * 100 if isinstance(pts[0][xname], dict) else None
+                    ax.errorbar(x, [100 * y["rate"] for y in ys], yerr=report.ci_err(ys) * 100, xerr=xerr, fmt=markers[w],
                                 color=f"C{i}", capsize=2, label=f"{protocol}, KL {w:g}")
                     for xv, p, y in zip(x, pts, ys):
                         ax.annotate(f"r{p['replay']:g}" + (f" c{p['continue_examples']:g}" if p["continue_examples"] else "")
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
         Path(args.figures).mkdir(parents=True, exist_ok=True)
         log.info("Trade-off table:\n%s", tradeoff_table(sweep(Study(args, pipeline_args), args)))
 
-    return ie.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
+    return machinery.cli(action)  # the pipeline's logging; bad input one line and exit 2, Ctrl-C exit 130
 
 
 if __name__ == "__main__":
