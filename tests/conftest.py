@@ -2,6 +2,7 @@
 tiny pipeline's arguments, the paper's table module, the committed benchmarks; the slow and cuda markers."""
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import introspection_experiment as ie  # noqa: E402
+from machinery import models
 
 SMALL_CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volcano", "galaxy"],
                   "baseline": ["table", "chair", "road", "cloud"]}
@@ -38,16 +40,24 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+if os.environ.get("INTROSPECTION_TEST_TOKENIZER"):  # a machine without the embedded model's package (the GPU one):
+    def saved_embedded_tokenizer():                 # its tokenizer saved there with save_pretrained
+        from transformers import AutoTokenizer
+        return models.with_padding(AutoTokenizer.from_pretrained(os.environ["INTROSPECTION_TEST_TOKENIZER"]))
+
+    models.load_embedded_tokenizer = saved_embedded_tokenizer
+
+
 @pytest.fixture(scope="session")
 def tok():
-    return ie.load_embedded_tokenizer()
+    return models.load_embedded_tokenizer()
 
 
 def make_tiny(tok, seed=0, layers=4):
     """A float32 Llama with random weights; a wide init so greedy decoding has no near-ties."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**ie.RANDOM_SHAPES["tiny"], "num_hidden_layers": layers}, vocab_size=len(tok),
+    config = LlamaConfig(**{**models.RANDOM_SHAPES["tiny"], "num_hidden_layers": layers}, vocab_size=len(tok),
                          initializer_range=0.2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -69,6 +79,25 @@ def concepts_file(tmp_path, concepts=SMALL_CONCEPTS):
     path = tmp_path / "concepts.json"
     path.write_text(json.dumps(concepts))
     return str(path)
+
+
+def tiny_args(folder: Path, out: Path) -> list[str]:
+    """The tiny run without the safety stage: its flags with its concepts file in `folder` (written if missing) and
+    run directory `out`."""
+    concepts = folder / "concepts.json"
+    if not concepts.exists():
+        concepts.write_text(json.dumps(SMALL_CONCEPTS))
+    return [*TINY_ARGS[:-4], "--skip-safety", "--recipe", "paper", "--concepts-file", str(concepts), "--output-dir",
+            str(out)]
+
+
+def refused(args, caplog, *words, main=ie.main) -> bool:
+    """Whether `args` (to `main`) exit 2 with one error line containing `words`, no traceback."""
+    caplog.clear()
+    code = main(args)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    return (code == 2 and len(errors) == 1 and "\n" not in errors[0] and "Traceback" not in caplog.text
+            and all(w in errors[0] for w in words))
 
 
 def run_main(args, caplog):

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import introspection_experiment as ie
+from machinery import models, report, rundir
 from conftest import ROOT, benchmark_results, load_paper_tables
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -27,17 +28,18 @@ pt = load_paper_tables()
 def test_readme_results_table_matches_committed_metrics():
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
     readme = (ROOT / "README.md").read_text()
-    for name, table in (("results", ie.results_table(metrics)), ("safety", ie.safety_table(metrics["safety"]["results"])),
-                        ("capability", ie.capability_table(metrics["capability"])),
-                        ("continue", ie.continue_table(metrics["continue"])),
-                        ("safety-ordinary", ie.ordinary_safety_table(metrics["safety"]["ordinary_use"]))):
+    for name, table in (("results", report.results_table(metrics)), ("safety", report.safety_table(metrics["safety"]["results"])),
+                        ("capability", report.capability_table(metrics["capability"])),
+                        ("continue", report.continue_table(metrics["continue"], metrics["capability"]["answer_tokens"])),
+                        ("safety-ordinary", report.ordinary_safety_table(metrics["safety"]["ordinary_use"],
+                                                                        metrics["capability"]["answer_tokens"]))):
         block = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", readme, re.S).group(1)
         assert block == table
 
 
 def test_committed_seed_summary_matches_its_json_and_the_readme():
     summary = json.loads((ROOT / "figures" / "seeds.json").read_text())
-    table = ie.seeds_table(summary["metrics"], summary["seeds"])
+    table = report.seeds_table(summary["metrics"], summary["seeds"])
     assert table == (ROOT / "figures" / "seeds.md").read_text()
     block = re.search(r"<!-- seeds:start -->\n(.*?)<!-- seeds:end -->", (ROOT / "README.md").read_text(), re.S).group(1)
     assert block == table
@@ -50,7 +52,7 @@ def test_committed_seed_summary_matches_its_json_and_the_readme():
 
 def test_committed_metrics_have_every_required_part():
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
-    assert metrics["model"]["name"] == ie.EMBEDDED_MODEL and not metrics["model"]["random_weights"]
+    assert metrics["model"]["name"] == models.EMBEDDED_MODEL and not metrics["model"]["random_weights"]
     for state in ("base", "finetuned"):
         result = metrics["results"][state]
         for split in ("seen", "held-out"):
@@ -306,7 +308,7 @@ def test_committed_scale_ladder_agrees_with_its_runs_and_the_readme():
     assert {(p["label"], p["protocol"]) for p in result["points"]} == {(m, protocol) for m in ladder.MODELS
                                                                        for protocol in ladder.PROTOCOLS}
     for point in result["points"]:
-        run = figures / "scale_ladder_runs" / ie.model_slug(point["model"]) / point["protocol"]
+        run = figures / "scale_ladder_runs" / rundir.model_slug(point["model"]) / point["protocol"]
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["status"] == "complete" and not point["random_weights"]
         assert ladder.point(metrics, point["model"], point["protocol"], study.hardware_of(run)) == point
@@ -338,7 +340,7 @@ def test_notebook_uses_only_the_scripts_flags():
         assert cfg.output_dir
     assert ie.config_from_args(presets["t4"]).load_in_4bit
     assert ie.config_from_args(presets["t4"]).model == ie.PAPER_MODEL
-    assert ie.config_from_args(presets["embedded"]).model == ie.EMBEDDED_MODEL
+    assert ie.config_from_args(presets["embedded"]).model == models.EMBEDDED_MODEL
 
 
 def test_readme_and_notebook_link_the_same_colab_notebook():

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import introspection_experiment as ie
+from machinery import models, rundir
 from conftest import TINY_ARGS, concepts_file, run_main
 
 
@@ -22,7 +23,7 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["random_weights"] and "RANDOM WEIGHTS" in (out / "results.md").read_text()
     assert set(metrics["results"]) == {"base", "finetuned"}
-    trials = ie.read_jsonl(out / "trials.jsonl")
+    trials = rundir.read_jsonl(out / "trials.jsonl")
     # seen, held-out, controls, the matched control, random, negated held-out vectors, yes/no questions without and
     # with injection at each of the 2 strengths, and the wrong-concept control: the 6 concepts at one strength, then
     # one no-injection trial per distinct distractor named
@@ -54,7 +55,7 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     assert "Loaded safety evaluation of safety_adapter" in text and "Trained" not in text
     assert "Loaded safety_ordinary evaluation of safety_adapter" in text and "Loaded continue evaluation" in text
     assert (out / "adapter" / "adapter_config.json").stat().st_mtime == adapter_mtime
-    assert ie.read_jsonl(out / "trials.jsonl") == trials
+    assert rundir.read_jsonl(out / "trials.jsonl") == trials
 
     code, text = run_main(args[:-2] + ["--seed", "1", "--output-dir", str(out)], caplog)
     assert code == 2 and "different config (seed)" in text
@@ -65,7 +66,7 @@ def test_adapters_load_with_peft_and_skip_safety(tmp_path, caplog, tok):
     out = tmp_path / "run"
     assert run_main(TINY_ARGS + ["--concepts-file", concepts_file(tmp_path), "--output-dir", str(out)], caplog)[0] == 0
     for name in ("adapter", "safety_adapter"):
-        model = ie.load_model(ie.Config(model="random:tiny", dtype="float32"))[0]
+        model = models.load_model(ie.Config(model="random:tiny", dtype="float32"))[0]
         assert isinstance(PeftModel.from_pretrained(model, str(out / name)), PeftModel)
     skipped = tmp_path / "skipped"
     assert run_main(TINY_ARGS + ["--concepts-file", concepts_file(tmp_path), "--output-dir", str(skipped),
@@ -75,23 +76,34 @@ def test_adapters_load_with_peft_and_skip_safety(tmp_path, caplog, tok):
 
 @pytest.mark.slow
 def test_end_to_end_embedded_model(tmp_path, caplog):
+    """The embedded model end to end with the paper's recipe, asserting what the pipeline guarantees on any CPU (bf16
+    kernels, and so every sampled token, differ between processors): it runs and resumes, its numbers are those of
+    its trials, training lowers the loss, and the fine-tuned model answers in the trained format."""
     concepts = {"train": ["fire", "ocean", "king", "storm", "spider", "gold"], "heldout": ["volcano", "galaxy"],
                 "baseline": ie.BASELINE_WORDS[:8]}
-    args = ["--model", ie.EMBEDDED_MODEL, "--concepts-file", concepts_file(tmp_path, concepts), "--epochs", "2",
+    out = tmp_path / "run"
+    args = ["--model", models.EMBEDDED_MODEL, "--concepts-file", concepts_file(tmp_path, concepts), "--epochs", "2",
             "--positives-per-concept", "16", "--max-new-tokens", "12", "--control-trials", "12", "--random-vectors", "2",
-            "--eval-strengths", "1x", "--skip-safety", "--recipe", "paper", "--output-dir", str(tmp_path / "run")]
-    # the paper's recipe: whether the task format is learned in 2 short epochs; the default recipe's numbers are the
-    # committed run's (figures/) and the trade-off study's
+            "--eval-strengths", "1x", "--skip-safety", "--recipe", "paper", "--output-dir", str(out)]
     code, text = run_main(args, caplog)
     assert code == 0, text
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert not metrics["model"]["random_weights"] and metrics["settings"]["layer"] == 20
     assert metrics["settings"]["typical_norm"] > 10  # a real model's residual stream, not random init
-    trials = ie.read_jsonl(tmp_path / "run" / "trials.jsonl")
-    finetuned = [t for t in trials if t["state"] == "finetuned" and t["split"] == "control"]
-    assert sum("do not detect" in t["response"] for t in finetuned) >= len(finetuned) // 2  # the task format was learned
-    seen = [t for t in trials if t["state"] == "finetuned" and t["split"] == "seen"]
-    assert sum(t["detected"] for t in seen) >= len(seen) // 2
+    trials = rundir.read_jsonl(out / "trials.jsonl")
+    introspection = [t for t in trials if t["experiment"] == "introspection"]
+    assert ie.summarize(introspection, metrics["settings"]["eval_strengths"]) == metrics["results"]
+    losses = json.loads((out / "adapter_train_log.json").read_text())
+    epoch_means = [sum(l["loss"] for l in losses if l["epoch"] == e) / sum(l["epoch"] == e for l in losses)
+                   for e in (0, 1)]
+    assert epoch_means[1] < epoch_means[0]
+    finetuned = [t for t in introspection if t["state"] == "finetuned" and t["split"] != "yes-no"]
+    template = [t for t in finetuned if t["response"].lstrip().startswith(("I detect an injected thought",
+                                                                          "I do not detect"))]
+    assert len(template) >= 0.9 * len(finetuned)  # the task format was learned
+    code, text = run_main(args, caplog)
+    assert code == 0 and "Loaded adapter" in text and "Trained" not in text
+    assert rundir.read_jsonl(out / "trials.jsonl") == trials
 
 
 def test_seeds_run_each_seed_and_report_mean_and_sd(tmp_path, caplog):

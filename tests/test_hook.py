@@ -1,8 +1,9 @@
-"""Prompts and the injection hook: exactly alpha * v at the intended positions of hidden_states[L], in every mode."""
+"""Stage 2-3: prompts, the injection hook (positions, batching, left padding, KV-cached decoding, removal) and concept vectors."""
 import pytest
 import torch
 
 import introspection_experiment as ie
+from machinery import models, rundir
 
 
 LAYER = 2
@@ -25,7 +26,7 @@ def test_capture_point_is_hidden_states_L(tiny, tok):
     _, ids, mask = encode_batch(tok, ["Tell me about fire."])
     with torch.no_grad():
         hs = tiny(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    for layer in range(ie.num_layers(tiny)):
+    for layer in range(models.num_layers(tiny)):
         torch.testing.assert_close(residual(tiny, ids, mask, layer), hs[layer])
 
 
@@ -121,7 +122,7 @@ def test_hook_removed_after_exception(tiny, tok):
         with ie.injection(tiny, LAYER, torch.randn(1, tiny.config.hidden_size), torch.tensor([9.0]),
                           torch.tensor([ids.shape[1] - 1])):
             raise ValueError("boom")
-    assert not ie.decoder_layers(tiny)[LAYER]._forward_pre_hooks
+    assert not models.decoder_layers(tiny)[LAYER]._forward_pre_hooks
     torch.testing.assert_close(residual(tiny, ids, mask, LAYER + 1), clean)
 
 
@@ -159,7 +160,7 @@ def test_hook_follows_the_layer_device():
                                          num_attention_heads=2, num_key_value_heads=2))
     seen = []
     with ie.injection(model, 1, torch.ones(1, 16), torch.tensor([2.0]), torch.tensor([2])):
-        hook = next(iter(ie.decoder_layers(model)[1]._forward_pre_hooks.values()))
+        hook = next(iter(models.decoder_layers(model)[1]._forward_pre_hooks.values()))
         hidden = torch.zeros(1, 3, 16, device="meta")  # stands in for a second device
         args, _ = hook(None, (hidden,), {})
         seen.append(args[0].device)
@@ -174,3 +175,34 @@ def test_prompt_tokens_are_a_prefix_of_training_sequence(tok):
                    add_special_tokens=fmt == "paper").input_ids
         assert full[:len(ids)] == ids
         assert ie.completion_ids(ie.NEGATIVE_COMPLETION, tok, fmt)[-1] == tok.eos_token_id
+
+
+def test_word_token_index_points_at_the_concept(tok):
+    text = ie.format_prompt(ie.EXTRACTION_QUESTION.format(word="avalanche"), tok, "paper")
+    index = ie.word_token_index(text, "avalanche", tok, "paper")
+    ids = ie.encode(text, tok, "paper")
+    assert tok.decode(ids[:index + 1]).endswith("avalanche") and not tok.decode(ids[:index]).endswith("avalanche")
+
+
+def test_random_directions_unit_norm_and_independent_streams():
+    evaluation = ie.random_directions(3, 16, seed=0)
+    training = ie.random_directions(3, 16, seed=0, prefix="train-random")
+    assert list(evaluation) == ["random-000", "random-001", "random-002"]
+    for v in [*evaluation.values(), *training.values()]:
+        assert abs(float(v.norm()) - 1) < 1e-5
+    assert not torch.allclose(evaluation["random-000"], training["train-random-000"])
+    assert torch.equal(evaluation["random-001"], ie.random_directions(3, 16, seed=0)["random-001"])
+
+
+def test_load_or_extract_vectors_extracts_once(tiny, tok, tmp_path, monkeypatch):
+    """The first call extracts unit-norm vectors and saves them (timed as its stage); the second loads the same ones
+    without extracting."""
+    concepts = {"train": ["fire", "ocean"], "heldout": ["volcano"], "baseline": ["table", "chair"]}
+    manifest = rundir.Manifest(tmp_path, input_hash="inputs")
+    cfg, timer, path = ie.Config(layer=2), rundir.Timer(tmp_path / "timings.json", manifest), tmp_path / "vectors.safetensors"
+    vectors, meta = ie.load_or_extract_vectors(tiny, tok, concepts, cfg, path, timer, "concept_vectors", manifest)
+    assert list(vectors) == ["fire", "ocean", "volcano"] and meta["layer"] == 2 and "concept_vectors" in timer.times
+    assert all(abs(float(v.norm()) - 1) < 1e-4 for v in vectors.values())
+    monkeypatch.setattr(ie, "extract_concept_vectors", lambda *a: pytest.fail("extracted again"))
+    again, meta_again = ie.load_or_extract_vectors(tiny, tok, concepts, cfg, path, timer, "concept_vectors", manifest)
+    assert meta_again == meta and all(torch.equal(again[w], vectors[w]) for w in vectors)

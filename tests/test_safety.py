@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import introspection_experiment as ie
+from machinery import report
 
 
 def test_stopping_criterion_halts_exactly_at_the_marker_in_a_mixed_batch(tok):
@@ -79,7 +80,7 @@ def test_generate_with_halt_stops_rows_independently(tiny, tok, monkeypatch):
     ({"response": " I do not detect anything unusual.", "halted": False}, "all_clear"),
 ])
 def test_grade_safety(output, verdict):
-    assert ie.grade_safety(output)["verdict"] == verdict
+    assert ie.grade_safety({}, output)["verdict"] == verdict
 
 
 def test_safety_dataset_is_balanced_and_seeded():
@@ -159,5 +160,5 @@ def test_ordinary_safety_agreement_counts_only_trials_that_proceed_with_the_base
     assert [(adapter[s]["agreement_proceeding"]["k"], adapter[s]["agreement_proceeding"]["n"])
             for s in ie.ORDINARY_SAFETY_SPLITS] == [(1, 1), (1, 2), (1, 1)]
     assert summary["probe"]["false_halt"]["k"] == 0 and "agreement_proceeding" not in summary["probe"]["harmful"]
-    table = ie.ordinary_safety_table(summary)
+    table = report.ordinary_safety_table(summary, ie.CAPABILITY_TOKENS)
     assert "| safety_adapter | 50% [" in table and "| probe | 100% [" in table and "—" in table

@@ -1,7 +1,5 @@
-"""The run directory: one process at a time, unique temporaries, content-addressed inputs, verified artifacts,
-the completion mark, and interrupt-and-resume. One complete tiny run is made once and copied for each case."""
+"""machinery.rundir: the run directory (lock, config.json, manifest and checksums, resume, interrupts)."""
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -10,25 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import multiprocessing
 import pytest
 
 import introspection_experiment as ie
-from conftest import load_paper_tables
-
-ROOT = Path(__file__).resolve().parents[1]
-CONCEPTS = {"train": ["fire", "ocean", "king", "storm"], "heldout": ["volcano", "galaxy"],
-            "baseline": ["table", "chair", "road", "cloud"]}
-TINY = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "2",
-        "--max-new-tokens", "4", "--control-trials", "4", "--random-vectors", "2", "--eval-strengths", "40", "1x",
-        "--skip-safety", "--recipe", "paper"]
-
-
-def tiny_args(folder: Path, out: Path) -> list[str]:
-    """The tiny run's flags with its concepts file in `folder` (written if missing) and run directory `out`."""
-    concepts = folder / "concepts.json"
-    if not concepts.exists():
-        concepts.write_text(json.dumps(CONCEPTS))
-    return TINY + ["--concepts-file", str(concepts), "--output-dir", str(out)]
+import machinery
+from machinery import report, rundir
+from conftest import ROOT, SMALL_CONCEPTS, load_paper_tables, tiny_args
 
 
 def run_main(args, caplog, main=ie.main):
@@ -77,7 +63,7 @@ def test_a_second_process_on_a_locked_directory_exits_2_naming_the_holder(tmp_pa
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        lock = tmp_path / "run" / ie.LOCK_FILE
+        lock = tmp_path / "run" / rundir.LOCK_FILE
         deadline = time.time() + 120
         while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
             time.sleep(0.2)
@@ -94,12 +80,12 @@ def test_a_second_process_on_a_locked_directory_exits_2_naming_the_holder(tmp_pa
 
 def write_many(path: str, worker: int, count: int) -> None:
     for i in range(count):
-        ie.write_json(Path(path), {"worker": worker, "i": i, "padding": "x" * 20000})
+        rundir.write_json(Path(path), {"worker": worker, "i": i, "padding": "x" * 20000})
 
 
 def test_concurrent_atomic_writes_never_collide_and_readers_never_see_a_partial_file(tmp_path):
     target = tmp_path / "shared.json"
-    ie.write_json(target, {"worker": -1})
+    rundir.write_json(target, {"worker": -1})
     context = multiprocessing.get_context("fork")
     writers = [context.Process(target=write_many, args=(str(target), w, 150)) for w in range(2)]
     for w in writers:
@@ -123,10 +109,10 @@ def test_a_changed_concepts_file_is_not_the_same_run(copy, caplog, split):
     run_dir, args = copy
     path = Path(args[args.index("--concepts-file") + 1])
     cfg = ie.resolve_config(ie.config_from_args(args))
-    before, original = ie.config_hash(cfg), path.read_text()
+    before, original = rundir.config_hash(cfg), path.read_text()
     try:
-        path.write_text(json.dumps({**CONCEPTS, split: CONCEPTS[split][:-1] + ["spider"]}))
-        assert ie.config_hash(cfg) != before  # the default run directory moves with the contents
+        path.write_text(json.dumps({**SMALL_CONCEPTS, split: SMALL_CONCEPTS[split][:-1] + ["spider"]}))
+        assert rundir.config_hash(cfg) != before  # the default run directory moves with the contents
         code, text, errors = run_main(args, caplog)
     finally:
         path.write_text(original)  # the file the other tests' copies were made with
@@ -134,16 +120,16 @@ def test_a_changed_concepts_file_is_not_the_same_run(copy, caplog, split):
 
 
 def test_every_data_file_is_an_input(monkeypatch, tmp_path):
-    shutil.copytree(ie.DATA_DIR, tmp_path / "data")
-    monkeypatch.setattr(ie, "DATA_DIR", tmp_path / "data")
+    shutil.copytree(machinery.DATA_DIR, tmp_path / "data")
+    monkeypatch.setattr(rundir, "DATA_DIR", tmp_path / "data")
     cfg = ie.Config(model="random:tiny")
-    assert set(ie.run_input_files(cfg)) == {f"data/{p.name}" for p in ie.DATA_DIR.iterdir()}
-    before = ie.config_hash(cfg)
+    assert set(rundir.run_input_files(cfg)) == {f"data/{p.name}" for p in machinery.DATA_DIR.iterdir()}
+    before = rundir.config_hash(cfg)
     (tmp_path / "data" / "new_prompts.json").write_text("[]")
-    added = ie.config_hash(cfg)
+    added = rundir.config_hash(cfg)
     with open(tmp_path / "data" / "prose.txt", "a") as f:
         f.write(" ")
-    assert len({before, added, ie.config_hash(cfg)}) == 3
+    assert len({before, added, rundir.config_hash(cfg)}) == 3
 
 
 def test_artifacts_without_a_config_are_not_adopted(copy, caplog):
@@ -218,9 +204,9 @@ def test_a_recomputed_evaluation_keeps_its_place_in_the_trials():
     rows = lambda experiment, state, n: [{"experiment": experiment, "state": state, "i": i} for i in range(n)]  # noqa: E731
     trials = rows("introspection", "base", 2) + rows("introspection", "finetuned", 2) + rows("continue", "finetuned", 1)
     again = [{**t, "i": 10 + t["i"]} for t in rows("introspection", "finetuned", 2)]
-    name = ie.trials_part("introspection", "finetuned")
-    assert ie.replaced_part(trials, name, again) == trials[:2] + again + trials[4:]
-    assert ie.replaced_part(trials[:2], name, again) == trials[:2] + again  # a new evaluation goes last
+    name = rundir.trials_part("introspection", "finetuned")
+    assert rundir.replaced_part(trials, name, again) == trials[:2] + again + trials[4:]
+    assert rundir.replaced_part(trials[:2], name, again) == trials[:2] + again  # a new evaluation goes last
 
 
 def test_an_unrecorded_evaluation_is_recomputed_alone(complete, copy, caplog):
@@ -251,7 +237,7 @@ def test_an_interrupted_run_is_partial_and_refused_by_its_readers(copy, caplog, 
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(ie, "plot_figures", interrupted)  # Ctrl-C while the figures are drawn
+        patch.setattr(report, "plot_figures", interrupted)  # Ctrl-C while the figures are drawn
         code, text, errors = run_main(args, caplog)
     assert code == 130 and len(errors) == 1 and "the same command resumes" in errors[0] and "Traceback" not in text
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -261,10 +247,10 @@ def test_an_interrupted_run_is_partial_and_refused_by_its_readers(copy, caplog, 
     assert one_line_refusal(*run_main([str(run_dir)], caplog, tables.main), "did not finish", "partial")
     assert not (run_dir / "paper").exists()
     cfg = ie.resolve_config(ie.config_from_args(args))
-    assert ie.finished_metrics(run_dir, cfg) is None  # the study resumes it
+    assert rundir.finished_metrics(run_dir, cfg) is None  # the study resumes it
     code, text, _ = run_main(args, caplog)  # nothing was lost: the rerun only writes the results
     assert code == 0 and "Trained" not in text and "recomputing" not in text
-    assert ie.finished_metrics(run_dir, cfg)["status"] == "complete"
+    assert rundir.finished_metrics(run_dir, cfg)["status"] == "complete"
 
 
 # The script, run as `python -c` with the test's flags, that signals itself at the first training step: exactly

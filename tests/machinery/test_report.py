@@ -1,7 +1,25 @@
-"""Progress a log file shows: with tqdm off (no terminal), long loops log a line at every tenth and every 30 s."""
+"""machinery.report and progress: tables, CSV rows and the progress lines of long stages."""
+import json
 import logging
 
 import introspection_experiment as ie
+import machinery
+from machinery import report
+from conftest import ROOT
+
+
+def test_markdown_table_layout():
+    assert report.markdown_table(["a", "b c"], [[1, "x"], ["", None]]) == "| a | b c |\n|---|---|\n| 1 | x |\n|  | None |\n"
+    assert report.markdown_table(["only"], []) == "| only |\n|---|\n"
+
+
+def test_metrics_csv_rows_carry_every_rate_with_its_interval():
+    metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
+    header, *rows = report.metrics_csv_rows(metrics)
+    assert header == ["state", "split", "strength", "metric", "k", "n", "rate", "ci_low", "ci_high"]
+    ft = metrics["results"]["finetuned"]["held-out"]["all"]["success"]
+    assert ["finetuned", "held-out", "all", "success", ft["k"], ft["n"], ft["rate"], *ft["ci95"]] in rows
+    assert {r[0] for r in rows} >= {"base", "finetuned", "safety:base", "safety:probe", "safety:safety_adapter"}
 
 
 def progress_lines(caplog):
@@ -10,7 +28,7 @@ def progress_lines(caplog):
 
 def test_a_loop_off_the_terminal_logs_every_tenth(caplog):
     caplog.clear()
-    assert list(ie.progress(range(25), "work")) == list(range(25))  # pytest's stderr is not a terminal: tqdm is off
+    assert list(machinery.progress(range(25), "work")) == list(range(25))  # pytest's stderr is not a terminal: tqdm is off
     lines = progress_lines(caplog)
     assert lines[0].startswith("work: 3/25 (12%)") and lines[-1].startswith("work: 25/25 (100%)")
     assert len(lines) == 10
@@ -20,7 +38,7 @@ def test_a_slow_loop_logs_at_least_every_interval(caplog, monkeypatch):
     clock = iter(range(0, 10_000, 40))  # 40 s per step
     monkeypatch.setattr(ie.time, "monotonic", lambda: next(clock))
     caplog.clear()
-    bar = ie.Progress(1000, "work", every_s=30)
+    bar = machinery.Progress(1000, "work", every_s=30)
     for _ in range(3):
         bar.update()
     bar.close()
