@@ -49,6 +49,46 @@ def fenced(name: str) -> str:
     return text[len("```\n"):-len("\n```\n")]
 
 
+def test_readme_is_a_front_page():
+    """At most 200 lines and 20 KB; the rest lives in docs/ and CHANGELOG.md. The headline results block stays in it."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200, f"README.md has {len(text.splitlines())} lines: move detail to docs/"
+    assert len(text.encode()) <= 20_000, f"README.md has {len(text.encode())} bytes: move detail to docs/"
+    assert text.count("<!-- results:start -->\n") == 1
+
+
+def heading_anchors(path) -> set:
+    """GitHub's anchors for a markdown file's headings (outside code fences)."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_link_of_the_readme_and_docs_resolves():
+    """Relative links (and their #anchors) of README.md, CHANGELOG.md and docs/*.md point at files and headings that
+    exist, and the README links every page of docs/."""
+    checked = 0
+    for page in [*doc_files(), ROOT / "CHANGELOG.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            name, _, fragment = target.partition("#")
+            path = (page.parent / name).resolve() if name else page
+            assert path.exists(), f"{page.relative_to(ROOT)} links {target}: no such file"
+            if fragment and path.suffix == ".md":
+                assert fragment in heading_anchors(path), f"{page.relative_to(ROOT)} links {target}: no such heading"
+            checked += 1
+    assert checked >= 40
+    linked = {(ROOT / name).resolve() for name in re.findall(r"\]\((docs/[^)#\s]+)", (ROOT / "README.md").read_text())}
+    assert set((ROOT / "docs").glob("*.md")) <= linked, "a page of docs/ the README does not link"
+
+
+def test_every_committed_figure_is_named_in_the_docs():
+    """Each figures/*.png appears by name in README.md or docs/*.md."""
+    text = "".join(path.read_text() for path in doc_files())
+    missing = [png.name for png in sorted((ROOT / "figures").glob("*.png")) if png.name not in text]
+    assert not missing, f"figures no page names: {missing}"
+
+
 def test_readme_results_table_matches_committed_metrics():
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
     for name, table in (("results", ie.results_table(metrics)), ("safety", ie.safety_table(metrics["safety"]["results"])),
