@@ -1,5 +1,6 @@
-"""Every check of committed files: README tables against figures/, the paper's generated tables, macros and PDF
-against the committed run, the GPU benchmark JSON against the README, the study outputs, and the notebook."""
+"""Every check of committed files: the generated tables of README.md and docs/*.md against figures/, the paper's
+generated tables, macros and PDF against the committed run, the GPU benchmark JSON against docs, the study outputs,
+and the notebook."""
 import ast
 import copy
 import json
@@ -25,24 +26,86 @@ import gpu_benchmark as gb  # noqa: E402
 pt = load_paper_tables()
 
 
+def doc_files() -> list:
+    """The documents that may hold a generated block: README.md and docs/*.md."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def block(name: str) -> str:
+    """The text between `<!-- name:start -->` and `<!-- name:end -->`, read from the one file of README.md and
+    docs/*.md that holds it: a generated block lives in exactly one place."""
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    holders = [path for path in doc_files() for _ in range(path.read_text().count(start))]
+    where = [str(path.relative_to(ROOT)) for path in holders]
+    assert len(holders) == 1, f"{start.strip()} occurs in {where}: want one file, once"
+    text = holders[0].read_text()
+    assert text.count(end) == 1, f"{end} occurs {text.count(end)} times in {holders[0].relative_to(ROOT)}"
+    return text[text.index(start) + len(start):text.index(end)]
+
+
+def fenced(name: str) -> str:
+    """A generated block that is one code fence: the text inside the fence."""
+    text = block(name)
+    assert text.startswith("```\n") and text.endswith("\n```\n"), f"{name}: not one code fence"
+    return text[len("```\n"):-len("\n```\n")]
+
+
+def test_readme_is_a_front_page():
+    """At most 200 lines and 20 KB; the rest lives in docs/ and CHANGELOG.md. The headline results block stays in it."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200, f"README.md has {len(text.splitlines())} lines: move detail to docs/"
+    assert len(text.encode()) <= 20_000, f"README.md has {len(text.encode())} bytes: move detail to docs/"
+    assert text.count("<!-- results:start -->\n") == 1
+
+
+def heading_anchors(path) -> set:
+    """GitHub's anchors for a markdown file's headings (outside code fences)."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_link_of_the_readme_and_docs_resolves():
+    """Relative links (and their #anchors) of README.md, CHANGELOG.md and docs/*.md point at files and headings that
+    exist, and the README links every page of docs/."""
+    checked = 0
+    for page in [*doc_files(), ROOT / "CHANGELOG.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            name, _, fragment = target.partition("#")
+            path = (page.parent / name).resolve() if name else page
+            assert path.exists(), f"{page.relative_to(ROOT)} links {target}: no such file"
+            if fragment and path.suffix == ".md":
+                assert fragment in heading_anchors(path), f"{page.relative_to(ROOT)} links {target}: no such heading"
+            checked += 1
+    assert checked >= 40
+    linked = {(ROOT / name).resolve() for name in re.findall(r"\]\((docs/[^)#\s]+)", (ROOT / "README.md").read_text())}
+    assert set((ROOT / "docs").glob("*.md")) <= linked, "a page of docs/ the README does not link"
+
+
+def test_every_committed_figure_is_named_in_the_docs():
+    """Each figures/*.png appears by name in README.md or docs/*.md."""
+    text = "".join(path.read_text() for path in doc_files())
+    missing = [png.name for png in sorted((ROOT / "figures").glob("*.png")) if png.name not in text]
+    assert not missing, f"figures no page names: {missing}"
+
+
 def test_readme_results_table_matches_committed_metrics():
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    for name, table in (("results", report.results_table(metrics)), ("safety", report.safety_table(metrics["safety"]["results"])),
+    tokens = metrics["capability"]["answer_tokens"]
+    for name, table in (("results", report.results_table(metrics)),
+                        ("safety", report.safety_table(metrics["safety"]["results"])),
                         ("capability", report.capability_table(metrics["capability"])),
-                        ("continue", report.continue_table(metrics["continue"], metrics["capability"]["answer_tokens"])),
-                        ("safety-ordinary", report.ordinary_safety_table(metrics["safety"]["ordinary_use"],
-                                                                        metrics["capability"]["answer_tokens"]))):
-        block = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", readme, re.S).group(1)
-        assert block == table
+                        ("continue", report.continue_table(metrics["continue"], tokens)),
+                        ("safety-ordinary", report.ordinary_safety_table(metrics["safety"]["ordinary_use"], tokens))):
+        assert block(name) == table
 
 
 def test_committed_seed_summary_matches_its_json_and_the_readme():
     summary = json.loads((ROOT / "figures" / "seeds.json").read_text())
     table = report.seeds_table(summary["metrics"], summary["seeds"])
     assert table == (ROOT / "figures" / "seeds.md").read_text()
-    block = re.search(r"<!-- seeds:start -->\n(.*?)<!-- seeds:end -->", (ROOT / "README.md").read_text(), re.S).group(1)
-    assert block == table
+    assert block("seeds") == table
     # the seeds ran the committed run's recipe, and seed 0 is the committed run itself
     metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
     recipe = metrics["settings"]["language_modelling"]
@@ -243,38 +306,32 @@ def test_benchmarks_cover_every_stage_and_say_random_weights():
 
 
 def test_readme_benchmark_table_matches_the_json():
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- benchmark:start -->\n```\n(.*?)\n```\n<!-- benchmark:end -->", readme, re.S).group(1)
     runs = benchmark_results(("h100_bf16", "h100_4bit", "h100_bf16_rerun"))
-    assert block == "\n\n".join(gb.format_table(r) for r in runs) + "\n\n" + gb.targets_line(runs)
+    assert fenced("benchmark") == "\n\n".join(gb.format_table(r) for r in runs) + "\n\n" + gb.targets_line(runs)
 
 
 def test_readme_h200_benchmark_table_matches_the_json():
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- benchmark-h200:start -->\n```\n(.*?)\n```\n<!-- benchmark-h200:end -->", readme, re.S).group(1)
     result = benchmark_results(("h200_bf16",))[0]
     assert result["device"] == "NVIDIA H200" and result["random_weights"]
-    assert block == gb.format_table(result)
+    assert fenced("benchmark-h200") == gb.format_table(result)
 
 
 def test_committed_tradeoff_study_agrees_with_its_json_and_the_readme():
     result = json.loads((ROOT / "figures" / "tradeoff_study.json").read_text())
     table = tradeoff.tradeoff_table(result)
     assert table == (ROOT / "figures" / "tradeoff_study.md").read_text()
-    block = re.search(r"<!-- tradeoff:start -->\n(.*?)<!-- tradeoff:end -->", (ROOT / "README.md").read_text(), re.S)
-    assert block.group(1) == table
+    assert block("tradeoff") == table
     for point in result["points"]:
         assert point["goals_met"] == tradeoff.goals_met(point)
 
 
 def test_committed_agreement_floor_agrees_with_its_json_and_the_readme():
-    """The floor study's table in figures/ and the README come from its JSON; its trained points are the committed
+    """The floor study's table in figures/ and in the README or docs/ come from its JSON; its trained points are the committed
     default run's and trade-off study's."""
     result = json.loads((ROOT / "figures" / "agreement_floor.json").read_text())
     table = floor.floor_table(result) + "\n"
     assert table == (ROOT / "figures" / "agreement_floor.md").read_text()
-    block = re.search(r"<!-- floor:start -->\n(.*?)<!-- floor:end -->", (ROOT / "README.md").read_text(), re.S)
-    assert block.group(1) == table
+    assert block("floor") == table
     assert result["trained"] == floor.trained_points(ROOT / "figures")
     assert result["rows"][0]["scale"] == 0 and result["rows"][0]["kl"] == 0 and result["rows"][0]["agreement"]["rate"] == 1
 
@@ -288,10 +345,8 @@ def test_committed_study_outputs_agree_with_their_json_and_the_readme(tmp_path):
     assert (tmp_path / "study_summary.md").read_text() == (figures / "study_summary.md").read_text()
     controls = json.loads((figures / "controls_table.json").read_text())
     assert study.controls_table(controls) == (figures / "controls_table.md").read_text()
-    readme = (ROOT / "README.md").read_text()
     for name, path in (("study", "study_summary.md"), ("controls", "controls_table.md")):
-        block = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", readme, re.S).group(1)
-        assert block == (figures / path).read_text()
+        assert block(name) == (figures / path).read_text()
     sweep = json.loads((figures / "layer_strength_heatmap.json").read_text())
     assert [g["vector_token"] for g in sweep["grids"]] == ["prompt-end", "word"]
     assert all(len(row["held-out identification"]) == len(sweep["strengths"]) for g in sweep["grids"] for row in g["rows"])
@@ -299,12 +354,11 @@ def test_committed_study_outputs_agree_with_their_json_and_the_readme(tmp_path):
 
 def test_committed_scale_ladder_agrees_with_its_runs_and_the_readme():
     """figures/scale_ladder.*: every point is what the study makes of its committed run files, on all four aliases
-    and both protocols; the table is the JSON's, and the README shows it unchanged."""
+    and both protocols; the table is the JSON's, and the README or docs/ show it unchanged."""
     figures = ROOT / "figures"
     result = json.loads((figures / "scale_ladder.json").read_text())
     assert ladder.table(result) == (figures / "scale_ladder.md").read_text()
-    block = re.search(r"<!-- ladder:start -->\n(.*?)<!-- ladder:end -->", (ROOT / "README.md").read_text(), re.S)
-    assert block.group(1) == (figures / "scale_ladder.md").read_text()
+    assert block("ladder") == (figures / "scale_ladder.md").read_text()
     assert {(p["label"], p["protocol"]) for p in result["points"]} == {(m, protocol) for m in ladder.MODELS
                                                                        for protocol in ladder.PROTOCOLS}
     for point in result["points"]:
