@@ -391,7 +391,7 @@ class Config:
         "tokens of a step (more, smaller steps)")})
     cuda_speedups: bool = field(default=True, metadata={"flag": "--no-cuda-speedups", "help": (
         "turn off the CUDA fast path (fused RMSNorm, rotary in the token layout, no cuDNN attention, CUDA graphs for "
-        "decoding and training; see the last section of the script): CUDA then runs the CPU's code path")})
+        "decoding and training; machinery/fastpath.py): CUDA then runs the CPU's code path")})
 
 
 def flag(f: dataclasses.Field) -> str:

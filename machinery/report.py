@@ -186,7 +186,7 @@ def continue_table(summary: dict, answer_tokens: int) -> str:
 
 
 def safety_table(safety: dict) -> str:
-    """Markdown table of the safety stage (README and results.md)."""
+    """Markdown table of the safety stage (results.md and docs/results.md)."""
     cats = [c for c in next(iter(safety.values())) if not c.startswith("precision")]  # the categories, then none
     rows = [[state, *[pct(result[c]["all"]["halt"]) for c in cats], pct(result["precision_held-out"])]
             for state, result in safety.items()]
@@ -219,6 +219,13 @@ def seeds_table(summary: dict, seeds: list[int]) -> str:
 STATE_COLORS = {"base": "#8c8c8c", "finetuned": "#2a9d55"}
 
 
+def label_bars(ax, bars, rates: list[float | None]) -> None:
+    """Each bar's rate in percent above it, so that a bar of height 0 is seen as 0% (not as a missing bar)."""
+    for bar, rate in zip(bars, rates):
+        ax.text(bar.get_x() + bar.get_width() / 2, (rate or 0) + 0.01, "n/a" if rate is None else f"{100 * rate:.0f}%",
+                ha="center", va="bottom", fontsize=6)
+
+
 def plot_figures(metrics: dict, trials: list[dict], losses: list[dict], folder: Path) -> list[Path]:
     """generalization_gap, strength_curves, outcome_breakdown, concept_heatmap, distractor_control (where the run has
     the wrong-concept control), training_loss (PNG)."""
@@ -229,9 +236,10 @@ def plot_figures(metrics: dict, trials: list[dict], losses: list[dict], folder: 
     label = figure_label(metrics)
     paths = []
 
-    def save(fig, name):
+    def save(fig, name, bottom: float = 0.0):
+        """Title and layout (leaving `bottom` of the height to a legend below the axes), then the PNG."""
         fig.suptitle(f"{fig._suptitle.get_text() if fig._suptitle else ''}\n{label}", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, bottom, 1, 1))
         path = folder / f"{name}.png"
         fig.savefig(path, dpi=150)
         plt.close(fig)
@@ -251,8 +259,9 @@ def plot_generalization_gap(plt, metrics: dict, trials: list[dict], losses: list
     for i, state in enumerate(states):
         for j, split in enumerate(("seen", "held-out")):
             r = metrics["results"][state][split]["all"]["success"]
-            ax.bar(j + (i - 0.5) * 0.38, r["rate"], 0.36, yerr=ci_err([r]), capsize=4, color=STATE_COLORS[state],
-                   label=state if j == 0 else None)
+            bars = ax.bar(j + (i - 0.5) * 0.38, r["rate"], 0.36, yerr=ci_err([r]), capsize=4,
+                          color=STATE_COLORS[state], label=state if j == 0 else None)
+            label_bars(ax, bars, [r["rate"]])
     ax.set_xticks([0, 1], ["seen concepts", "held-out concepts"])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success (detected + correctly named)")
@@ -265,8 +274,8 @@ def plot_strength_curves(plt, metrics: dict, trials: list[dict], losses: list[di
     """Success and detection against the injection strength, with the random and negated vectors."""
     strengths = metrics["settings"]["eval_strengths"]
     states = list(metrics["results"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    x = [metrics["settings"]["alphas"][s] for s in strengths]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
+    x = list(range(len(strengths)))  # the tables' strengths, evenly spaced, each with its absolute alpha
     for ax, metric in zip(axes, ("success", "detection")):
         for state in states:
             for split, style in (("seen", "-o"), ("held-out", "--s")):
@@ -276,12 +285,14 @@ def plot_strength_curves(plt, metrics: dict, trials: list[dict], losses: list[di
                 for split, style in (("random", ":^"), ("negated", ":v")):
                     rs = [metrics["results"][state][split][s]["detection"] for s in strengths]
                     ax.plot(x, [r["rate"] for r in rs], style, color=STATE_COLORS[state], label=f"{state} {split} vectors")
-        ax.set_xlabel("injection strength α (absolute)")
+        ax.set_xticks(x, [f"{s}\n(α={metrics['settings']['alphas'][s]:.0f})" for s in strengths], fontsize=7)
+        ax.set_xlabel("injection strength")
         ax.set_title(metric)
         ax.set_ylim(-0.03, 1.05)
-    axes[1].legend(fontsize=7)
+    handles, names = axes[1].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=4, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle("Success and detection vs strength")
-    save(fig, "strength_curves")
+    save(fig, "strength_curves", bottom=0.12)
 
 
 def plot_outcome_breakdown(plt, metrics: dict, trials: list[dict], losses: list[dict], save) -> None:
@@ -297,11 +308,13 @@ def plot_outcome_breakdown(plt, metrics: dict, trials: list[dict], losses: list[
         ax.bar(range(len(groups)), vals, bottom=bottom, color=color, label=name)
         bottom += vals
     fp = metrics["results"][final]["control"]["false_positive"]
-    ax.bar(len(groups) + 0.5, fp["rate"], color="#6a4c93", label="false positive (sampled controls)")
+    label_bars(ax, ax.bar(len(groups) + 0.5, fp["rate"], color="#6a4c93", label="false positive (sampled controls)"),
+               [fp["rate"]])
     ticks, names = list(range(len(groups))) + [len(groups) + 0.5], [f"{split}\n{s}" for split, s in groups] + ["controls"]
     matched = metrics["results"][final].get("matched_control", {}).get("false_positive", {})
     if matched.get("n"):
-        ax.bar(len(groups) + 1.5, matched["rate"], color="#3a7ca5", label="false positive (matched: eval prompt, greedy)")
+        label_bars(ax, ax.bar(len(groups) + 1.5, matched["rate"], color="#3a7ca5",
+                              label="false positive (matched: eval prompt, greedy)"), [matched["rate"]])
         ticks, names = ticks + [len(groups) + 1.5], names + ["matched\ncontrol"]
     ax.set_xticks(ticks, names, fontsize=7)
     ax.set_ylim(0, 1.05)
@@ -376,9 +389,9 @@ def plot_safety(safety: dict, trials: list[dict], strengths: list[str], label: s
         width = 0.8 / len(cats)
         for i, cat in enumerate(cats):
             rs = [safety[state][cat][s]["halt"] for s in strengths]
+            color = ["#c44e52", "#e9a23b", "#2a9d55", "#4c72b0"][i]  # the edge draws a bar of height 0 as a line
             ax.bar(np.arange(len(strengths)) + (i - (len(cats) - 1) / 2) * width, [r["rate"] for r in rs], width,
-                   yerr=ci_err(rs), capsize=2,
-                   label=cat, color=["#c44e52", "#e9a23b", "#2a9d55", "#4c72b0"][i])
+                   yerr=ci_err(rs), capsize=2, label=cat, color=color, edgecolor=color, linewidth=1.5)
         none = safety[state]["none"]["all"]["halt"]
         ax.axhline(none["rate"], color="k", ls=":", lw=1, label="no injection")
         ax.set_xticks(range(len(strengths)), strengths)
@@ -386,9 +399,10 @@ def plot_safety(safety: dict, trials: list[dict], strengths: list[str], label: s
         ax.set_xlabel("strength")
         ax.set_ylim(0, 1.05)
     axes[0][0].set_ylabel("halt rate (95% CI)")
-    axes[0][-1].legend(fontsize=7)
+    handles, names = axes[0][-1].get_legend_handles_labels()
     fig.suptitle(f"Safety halt by category and strength\n{label}", fontsize=9)
-    fig.tight_layout()
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=len(names), bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(folder / "safety_halt_rates.png", dpi=150)
     plt.close(fig)
 
@@ -397,12 +411,12 @@ def plot_safety(safety: dict, trials: list[dict], strengths: list[str], label: s
     rows = [t for t in trials if t["state"] == "safety_adapter"]
     grid = np.array([[sum(t["split"].split("-")[0] == tr and t["verdict"] == v for t in rows) for v in verdicts]
                      for tr in truth])
-    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
     ax.imshow(grid / np.maximum(grid.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
     for i in range(3):
         for j in range(3):
             ax.text(j, i, str(grid[i, j]), ha="center", va="center")
-    ax.set_xticks(range(3), ["halt", "proceed (report)", "all clear"])
+    ax.set_xticks(range(3), ["halt", "proceed\n(report)", "all clear"], fontsize=8)
     ax.set_yticks(range(3), ["harmful injected", "safe injected", "no injection"])
     fig.suptitle(f"Safety adapter: verdict vs truth (all trials)\n{label}", fontsize=9)
     fig.tight_layout()
