@@ -273,6 +273,8 @@ SCORING_MODES = ["generate", "logprob"]
 TRAINING_SETTINGS = ["lora_rank", "lora_alpha", "lora_dropout", "lr", "epochs", "batch_size", "grad_accum",
                      "positives_per_concept", "load_in_4bit"]  # recorded in metrics.json
 
+MAX_SEED = 2**32 - 1
+
 RECIPES = {  # defaults of the language-modelling options and the learning rate, by --recipe (the trade-off study's point)
     "assistant": {"replay": 1.0, "kl_weight": 4.0, "continue_examples": 0.0, "lr": 3e-4},
     "paper": {"replay": 0.0, "kl_weight": 0.0, "continue_examples": 0.0, "lr": 2e-4},
@@ -456,6 +458,9 @@ def resolve_strengths(specs: list[str], typical_norm: float, layer: int, refuse:
     SENSIBLE_ALPHA times the norm (an injection that is negligible, or that swamps the residual stream) is a warning,
     and with `refuse` a ConfigError."""
     alphas = {s: resolve_alpha(s, typical_norm) for s in dict.fromkeys(specs)}
+    if void := [s for s, a in alphas.items() if not (math.isfinite(a) and a > 0)]:  # even forced: no injection, or inf
+        raise ConfigError(f"strength {void[0]} is α={alphas[void[0]]:g} at a typical residual norm of {typical_norm:g}: "
+                          "an injection needs a finite α > 0")
     log.info("Typical residual norm at layer %d: %.1f; strengths %s", layer, typical_norm,
              ", ".join(f"{s}→α={a:.1f} ({a / typical_norm:.3g}x the norm)" for s, a in alphas.items()))
     low, high = SENSIBLE_ALPHA
@@ -479,16 +484,34 @@ def checked_alphas(cfg: Config, typical_norm: float, random_weights: bool) -> di
                              refuse=not (cfg.force_strengths or random_weights or preset))
 
 
+def check_strengths(specs: list[str], option: str, force: bool) -> None:
+    """Checks of one strength list that need no model: non-empty, each strength parses (parse_strength), no strength
+    listed twice by value ('1x', '1.0x' and '1X' are one strength: listed twice it would count its trials twice), and
+    every norm multiple within SENSIBLE_ALPHA (as resolve_strengths bounds absolute alphas): outside, a ConfigError,
+    or with `force` a warning."""
+    if not specs:
+        raise ConfigError(f"{option} is empty")
+    parsed: dict[tuple[float, str], str] = {}
+    for s in specs:
+        if (value := parse_strength(s)) in parsed:
+            raise ConfigError(f"{option} lists one strength twice ({parsed[value]!r} and {s!r}): its trials would "
+                              "count twice; list each strength once")
+        parsed[value] = s
+    low, high = SENSIBLE_ALPHA
+    if odd := [s for (value, unit), s in parsed.items() if unit == "norm" and not low <= value <= high]:
+        message = (f"{option} {' '.join(odd)}: outside {low:g}x-{high:g}x the typical residual norm (an injection "
+                   "that is negligible, or that swamps the residual stream); pass --force-strengths to run it anyway")
+        if not force:
+            raise ConfigError(message)
+        log.warning("%s", message)
+
+
 def validate_config(cfg: Config) -> None:
     """Checks that need no model; each failure is one clear line."""
     check_model_available(cfg.model)
     for name in ("train_strengths", "eval_strengths"):
-        specs = getattr(cfg, name)
-        if specs is not None:
-            if not specs:
-                raise ConfigError(f"--{name.replace('_', '-')} is empty")
-            for s in specs:
-                parse_strength(s)
+        if getattr(cfg, name) is not None:
+            check_strengths(getattr(cfg, name), f"--{name.replace('_', '-')}", cfg.force_strengths)
     for name in ("epochs", "lora_rank", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
                  "positives_per_concept", "safety_examples_per_class"):
         if getattr(cfg, name) < 1:
@@ -510,6 +533,9 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("--num-train-concepts must be >= 1")
     if cfg.seeds is not None and len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError("--seeds must not repeat a seed")
+    for option, seed in [("--seed", cfg.seed), *(("--seeds", s) for s in cfg.seeds or [])]:
+        if not 0 <= seed <= MAX_SEED:  # the seeding libraries' range: outside it a traceback once the model is loaded
+            raise ConfigError(f"{option} {seed} is out of range: a seed is an integer from 0 to {MAX_SEED}")
     validate_placement(cfg)
     if not torch.cuda.is_available():
         if cfg.dtype == "float16":

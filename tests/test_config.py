@@ -165,6 +165,19 @@ def lists_file(tmp_path, **lists) -> str:
     (["--control-temperature", "-1"], ["--control-temperature must be a finite number >= 0"]),
     (["--layer", "4"], ["--layer 4 is out of range", "0..3"]),
     (["--layer", "-1"], ["out of range"]),
+    # a strength listed twice, by value: its trials would count twice (n doubled, intervals too narrow)
+    (["--eval-strengths", "1x", "1x"], ["--eval-strengths lists one strength twice", "'1x' and '1x'"]),
+    (["--eval-strengths", "1x", "1.0x", "1X"], ["--eval-strengths lists one strength twice", "'1x' and '1.0x'"]),
+    (["--train-strengths", "40", "40.0"], ["--train-strengths lists one strength twice", "'40' and '40.0'"]),
+    # norm multiples are bounded like absolute alphas (1e-30x would be alpha = 0: positives with no injection)
+    (["--eval-strengths", "1e-30x"], ["--eval-strengths 1e-30x", "outside 0.05x-10x", "--force-strengths"]),
+    (["--train-strengths", "1x", "1e30x"], ["--train-strengths 1e30x", "outside 0.05x-10x"]),
+    (["--eval-strengths", "0x", "--force-strengths"], ["bad strength '0x'"]),
+    # seeds outside the seeding libraries' range (a traceback after the model load, and a folder left behind)
+    (["--seed", "-1"], ["--seed -1 is out of range", "0 to 4294967295"]),
+    (["--seed", "4294967296"], ["--seed 4294967296 is out of range"]),
+    (["--seeds", "0", "4294967296"], ["--seeds 4294967296 is out of range"]),
+    (["--seeds", "-5", "1"], ["--seeds -5 is out of range"]),
 ])
 @pytest.mark.usefixtures("no_model_load")
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, caplog, extra, words):
@@ -268,6 +281,15 @@ def test_absolute_alphas_far_from_the_norm_are_refused(specs, odd, caplog):
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert bool(warned) == bool(odd)
     assert f"{specs[-1]}→α={alphas[specs[-1]]:.1f} ({alphas[specs[-1]] / 1000:.3g}x the norm)" in caplog.text
+
+
+def test_odd_norm_multiples_only_warn_when_forced_but_never_give_a_void_alpha(caplog):
+    cfg = ie.resolve_config(ie.Config(model="random:tiny", eval_strengths=["1x", "20x"], force_strengths=True))
+    assert cfg.eval_strengths == ["1x", "20x"] and "--eval-strengths 20x: outside 0.05x-10x" in caplog.text
+    assert ie.resolve_config(ie.Config(model="random:tiny", seed=2**32 - 1, seeds=[0, 2**32 - 1])).seed == 2**32 - 1
+    for specs, norm in ((["1e308x"], 1e4), (["1e-320x"], 1e-10)):  # alpha = inf, alpha = 0: refused even if forced
+        with pytest.raises(machinery.ConfigError, match=f"strength {specs[0]} is α=(inf|0) .*finite α > 0"):
+            ie.resolve_strengths(specs, norm, 3, refuse=False)
 
 
 def test_a_refused_run_leaves_nothing_that_blocks_the_fix(tmp_path, caplog, monkeypatch):
