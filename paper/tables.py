@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from introspection_experiment import SAFETY_CATEGORIES, parse_strength, rate, select  # noqa: E402
-from machinery import ConfigError, cli  # noqa: E402
+from machinery import ConfigError, cli, read_input_file  # noqa: E402
 from machinery.report import model_label, pct  # noqa: E402
 from machinery.rundir import atomic_path, read_finished_trials, require_complete  # noqa: E402
 
@@ -79,6 +79,9 @@ BENCHMARK_FILES = [PAPER_DIR.parent / "benchmarks" / f"{name}.json" for name in 
 
 
 NONE = "---"  # no counterpart
+
+
+METRICS_BYTES = 64 << 20  # a metrics.json larger than this is refused (a run's is about 100 KB)
 
 
 TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
@@ -535,8 +538,9 @@ def paper_inputs(source: str) -> tuple[dict, list[dict] | None, list[dict], dict
     path = Path(source)
     metrics_path = path / "metrics.json" if path.is_dir() else path
     try:
-        metrics = require_complete(json.loads(metrics_path.read_text()), metrics_path)
-    except (OSError, json.JSONDecodeError) as e:
+        metrics = require_complete(json.loads(read_input_file(metrics_path, "run metrics", METRICS_BYTES)),
+                                   metrics_path)
+    except json.JSONDecodeError as e:
         raise ConfigError(f"cannot read run metrics {metrics_path}: {e}") from None
     trials_path, study_path = metrics_path.with_name("trials.jsonl"), metrics_path.with_name("scaling_study.json")
     return (metrics, checked_trials(metrics, trials_path) if trials_path.exists() else None,

@@ -1,6 +1,7 @@
 """The studies, the GPU benchmark and the paper tables: they run on tiny models and read finished runs back."""
 import dataclasses
 import json
+import os
 import sys
 import re
 from pathlib import Path
@@ -337,6 +338,19 @@ def test_paper_tables_refuse_a_trials_file_missing_rows_as_the_pipeline_does(tmp
     monkeypatch.setattr(pt, "PAPER_DIR", tmp_path / "paper")
     assert refused([str(copied_run(tmp_path / "run", manifest, drop))], caplog, *words, main=pt.main)
     assert not (tmp_path / "paper").exists()
+
+
+@pytest.mark.parametrize("source,words", [("/dev/zero", ["not a regular file"]), ("fifo", ["not a regular file"]),
+                                          ("huge", ["larger than 67,108,864 bytes"])])
+def test_paper_tables_refuse_a_special_or_huge_metrics_file_without_reading_it(tmp_path, caplog, monkeypatch,
+                                                                                 source, words):
+    monkeypatch.setattr(pt, "PAPER_DIR", tmp_path / "paper")
+    if source == "fifo":
+        os.mkfifo(source := str(tmp_path / "metrics.json"))
+    elif source == "huge":
+        with open(source := str(tmp_path / "metrics.json"), "w") as f:
+            f.truncate((64 << 20) + 1)  # sparse: no disk used
+    assert refused([source], caplog, "run metrics", *words, main=pt.main)
 
 
 @pytest.mark.parametrize("changes,words", [
