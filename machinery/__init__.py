@@ -9,6 +9,8 @@ reported, and what a reader can skip to learn the science. It never imports the 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
-    "ConfigError", "DATA_DIR", "Progress", "cli", "log", "progress", "setup_logging",
+    "ConfigError", "DATA_DIR", "Progress", "cli", "log", "progress", "read_input_file", "setup_logging",
 ]
 
 
@@ -66,6 +68,25 @@ def progress(items, desc: str):
 
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the shipped data files: inputs of every run
+
+
+def read_input_file(path: str | Path, what: str, limit: int) -> str:
+    """The UTF-8 text of an input file named on the command line (`what`: how to name it in a message), refused in one
+    line unless it is a regular file of at most `limit` bytes: a FIFO or a device (/dev/zero) would hang the run or
+    fill its memory, and so would a huge file. At most limit + 1 bytes are read."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # follows a link: what matters is what would be read
+            raise ConfigError(f"{what} {path} is not a regular file (a FIFO, device, socket or folder)")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path} is larger than {limit:,} bytes: not an input this tool reads")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def setup_logging() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from machinery import ConfigError, log
+from machinery import ConfigError, log, read_input_file
 
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
     "DEVICE_MAP_STRATEGIES", "EMBEDDED_MODEL", "MODEL_ALIASES", "RANDOM_SHAPES", "check_model_available",
@@ -116,12 +116,16 @@ def validate_placement(cfg) -> None:
                               "every module itself)")
 
 
+DEVICE_MAP_BYTES = 1 << 20  # a --device-map file larger than this is refused (a map is a few KB)
+
+
 def read_device_map(path: str) -> dict[str, int | str]:
-    """The module -> device map of a --device-map JSON file: a non-empty object whose values are GPU indices
-    (0, 1, ...), 'cuda:N' or 'cpu', of GPUs this machine has; anything else is one ConfigError line."""
+    """The module -> device map of a --device-map JSON file (a regular file of at most DEVICE_MAP_BYTES): a non-empty
+    object whose values are GPU indices (0, 1, ...), 'cuda:N' or 'cpu', of GPUs this machine has; anything else is
+    one ConfigError line."""
     try:
-        given = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        given = json.loads(read_input_file(path, "--device-map file", DEVICE_MAP_BYTES))
+    except (ConfigError, json.JSONDecodeError) as e:  # not a readable regular file, or not JSON
         raise ConfigError(f"--device-map {path} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) nor a "
                           f"readable JSON file: {e}") from None
     if not isinstance(given, dict) or not given:

@@ -23,7 +23,7 @@ from machinery.models import DEVICE_MAP_STRATEGIES
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
     "CONFIG_FILE", "Manifest", "RunState", "Timer", "atomic_path", "claim_run_dir", "config_hash", "environment",
     "finished_metrics", "load_or_build_dataset", "load_or_train_adapter", "model_slug", "peak_gpu_gib",
-    "prepare_run_dir", "read_artifact", "read_json_or_none", "read_jsonl", "require_complete", "reset_gpu_peaks",
+    "prepare_run_dir", "read_artifact", "read_finished_trials", "read_json_or_none", "read_jsonl", "require_complete", "reset_gpu_peaks",
     "run_dir_lock", "run_status", "synchronize_gpus", "undone_on_refusal", "write_json", "write_jsonl",
 ]
 
@@ -391,6 +391,21 @@ def require_complete(metrics, source) -> dict:
         raise ConfigError(f"{source} is from a run that did not finish (status {status}; done: {done}); rerun the "
                           "same command to finish it")
     return metrics
+
+
+def read_finished_trials(path: Path) -> list[dict]:
+    """A finished run's trials.jsonl for a reader (paper/tables.py), checked as a resumed run checks it: each
+    evaluation recorded in the manifest.json beside it must be there with the rows it recorded (one ConfigError line
+    otherwise). A folder without a manifest (a run copied without it, such as figures/) is read unchecked."""
+    trials = read_artifact(path, read_objects)
+    manifest_path = path.with_name(MANIFEST_FILE)
+    if manifest_path.exists():
+        data = read_artifact(manifest_path, read_object)
+        if not isinstance(data.get("artifacts"), dict):
+            raise ConfigError(f"{manifest_path} is not a manifest (no artifacts); " + DAMAGED.format(dir=path.parent))
+        manifest = Manifest(path.parent, data.get("input_hash"), data["artifacts"])
+        manifest.verify_parts(path.name, trial_part_digests(trials))
+    return trials
 
 
 def finished_metrics(run_dir: Path, cfg) -> dict | None:

@@ -1,5 +1,7 @@
 """Stage 1, configuration: the command line, resolve_config, validation of every input before any work (one line, exit 2), and strength units."""
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -165,6 +167,19 @@ def lists_file(tmp_path, **lists) -> str:
     (["--control-temperature", "-1"], ["--control-temperature must be a finite number >= 0"]),
     (["--layer", "4"], ["--layer 4 is out of range", "0..3"]),
     (["--layer", "-1"], ["out of range"]),
+    # a strength listed twice, by value: its trials would count twice (n doubled, intervals too narrow)
+    (["--eval-strengths", "1x", "1x"], ["--eval-strengths lists one strength twice", "'1x' and '1x'"]),
+    (["--eval-strengths", "1x", "1.0x", "1X"], ["--eval-strengths lists one strength twice", "'1x' and '1.0x'"]),
+    (["--train-strengths", "40", "40.0"], ["--train-strengths lists one strength twice", "'40' and '40.0'"]),
+    # norm multiples are bounded like absolute alphas (1e-30x would be alpha = 0: positives with no injection)
+    (["--eval-strengths", "1e-30x"], ["--eval-strengths 1e-30x", "outside 0.05x-10x", "--force-strengths"]),
+    (["--train-strengths", "1x", "1e30x"], ["--train-strengths 1e30x", "outside 0.05x-10x"]),
+    (["--eval-strengths", "0x", "--force-strengths"], ["bad strength '0x'"]),
+    # seeds outside the seeding libraries' range (a traceback after the model load, and a folder left behind)
+    (["--seed", "-1"], ["--seed -1 is out of range", "0 to 4294967295"]),
+    (["--seed", "4294967296"], ["--seed 4294967296 is out of range"]),
+    (["--seeds", "0", "4294967296"], ["--seeds 4294967296 is out of range"]),
+    (["--seeds", "-5", "1"], ["--seeds -5 is out of range"]),
 ])
 @pytest.mark.usefixtures("no_model_load")
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, caplog, extra, words):
@@ -190,6 +205,64 @@ def test_the_layer_range_comes_from_the_model_config_without_its_weights(tmp_pat
 def test_held_out_concepts_the_grader_cannot_tell_from_training_ones(tmp_path, caplog, lists, words):
     args = TINY + ["--concepts-file", lists_file(tmp_path, **lists), "--output-dir", str(tmp_path / "run")]
     assert refused(args, caplog, *words)
+
+
+@pytest.mark.parametrize("lists,words", [
+    ({"heldout": ["thought"]}, ["concept 'thought' in 'heldout'", "answer templates", "'thought'"]),
+    ({"heldout": ["Thoughts"]}, ["concept 'thoughts' in 'heldout'", "'thought'"]),
+    ({"heldout": ["about"]}, ["concept 'about'"]),
+    ({"heldout": ["halting"]}, ["concept 'halting'"]),
+    ({"train": ["fire", "harmful"]}, ["concept 'harmful' in 'train'"]),
+    ({"train": ["fire", "injected thought"]}, ["concept 'injected thought' in 'train'"]),
+    ({"heldout": ["sense"]}, ["concept 'sense'"]),  # a word of the grader's phrases only
+])
+@pytest.mark.usefixtures("no_model_load")
+def test_concepts_made_of_template_words_are_refused(tmp_path, caplog, lists, words):
+    args = TINY + ["--concepts-file", lists_file(tmp_path, **lists), "--output-dir", str(tmp_path / "run")]
+    assert refused(args, caplog, *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_word_the_grader_names_in_a_templated_answer_is_refused_as_a_concept(tmp_path):
+    """The issue's case: held-out 'thought' was a success for "I detect an injected thought about fire.". Every word
+    of a trained answer that the grader would count as named (a success for that concept, with 'fire' injected) is
+    refused as a concept; a concept merely containing one such word is not."""
+    answers = [t.format(concept="fire") for t in (ie.POSITIVE_COMPLETION, ie.HALT_COMPLETION, ie.PROCEED_COMPLETION)]
+    assert ie.grade(answers[0], "thought", "held-out")["verdict"] == "correct"  # why the refusal is needed
+    named = {w for a in answers for w in re.findall(r"[a-z']+", a.lower())
+             if w != "fire" and ie.grade(a, w, "held-out")["verdict"] == "correct"}
+    assert {"thought", "injected", "about", "harmful", "halting", "generation", "proceeding", "normally"} <= named
+    for word in named:
+        with pytest.raises(machinery.ConfigError, match=f"concept '{word}' in 'heldout'"):
+            ie.load_concepts(ie.Config(concepts_file=lists_file(tmp_path, heldout=[word])))
+    assert ie.load_concepts(ie.Config(concepts_file=lists_file(tmp_path, heldout=["thought police"])))["heldout"] == [
+        "thought police"]
+
+
+@pytest.mark.parametrize("lists", [{"heldout": ["fi\tre"]}, {"heldout": ["fire\nstorm"]}, {"baseline": ["ta\x00ble"]},
+                                   {"train": ["fire", "oce\u200ban"]}, {"heldout": ["x" * 65]}, {"heldout": [" \t "]}])
+@pytest.mark.usefixtures("no_model_load")
+def test_concepts_that_are_no_word_are_refused(tmp_path, caplog, lists):
+    args = TINY + ["--concepts-file", lists_file(tmp_path, **lists), "--output-dir", str(tmp_path / "run")]
+    assert refused(args, caplog, "concept")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind,words", [("fifo", ["not a regular file"]), ("device", ["not a regular file"]),
+                                        ("folder", ["not a regular file"]), ("huge", ["larger than 1,048,576 bytes"]),
+                                        ("binary", ["not UTF-8 text"])])
+@pytest.mark.usefixtures("no_model_load")
+def test_a_concepts_file_that_is_a_special_or_huge_file_is_refused_without_reading_it(tmp_path, caplog, kind, words):
+    path = {"device": "/dev/zero", "folder": str(tmp_path)}.get(kind, str(tmp_path / "concepts.json"))
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it would wait for a writer forever
+    elif kind == "huge":
+        (tmp_path / "concepts.json").write_text('{"train": [' + " " * (1 << 20) + '"fire"]}')
+    elif kind == "binary":
+        (tmp_path / "concepts.json").write_bytes(b'{"train": ["\xff"]}')
+    args = TINY + ["--concepts-file", path, "--output-dir", str(tmp_path / "run")]
+    assert refused(args, caplog, "concepts file", *words)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.usefixtures("no_model_load")
@@ -268,6 +341,15 @@ def test_absolute_alphas_far_from_the_norm_are_refused(specs, odd, caplog):
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert bool(warned) == bool(odd)
     assert f"{specs[-1]}→α={alphas[specs[-1]]:.1f} ({alphas[specs[-1]] / 1000:.3g}x the norm)" in caplog.text
+
+
+def test_odd_norm_multiples_only_warn_when_forced_but_never_give_a_void_alpha(caplog):
+    cfg = ie.resolve_config(ie.Config(model="random:tiny", eval_strengths=["1x", "20x"], force_strengths=True))
+    assert cfg.eval_strengths == ["1x", "20x"] and "--eval-strengths 20x: outside 0.05x-10x" in caplog.text
+    assert ie.resolve_config(ie.Config(model="random:tiny", seed=2**32 - 1, seeds=[0, 2**32 - 1])).seed == 2**32 - 1
+    for specs, norm in ((["1e308x"], 1e4), (["1e-320x"], 1e-10)):  # alpha = inf, alpha = 0: refused even if forced
+        with pytest.raises(machinery.ConfigError, match=f"strength {specs[0]} is α=(inf|0) .*finite α > 0"):
+            ie.resolve_strengths(specs, norm, 3, refuse=False)
 
 
 def test_a_refused_run_leaves_nothing_that_blocks_the_fix(tmp_path, caplog, monkeypatch):

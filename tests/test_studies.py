@@ -1,6 +1,7 @@
 """The studies, the GPU benchmark and the paper tables: they run on tiny models and read finished runs back."""
 import dataclasses
 import json
+import os
 import sys
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import introspection_experiment as ie
 import machinery
 from machinery import models, rundir
-from conftest import ROOT, SMALL_CONCEPTS, concepts_file, benchmark_results, load_paper_tables
+from conftest import ROOT, SMALL_CONCEPTS, concepts_file, benchmark_results, load_paper_tables, refused
 
 sys.path.insert(0, str(ROOT / "studies"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
@@ -287,6 +288,83 @@ def test_paper_tables_cli(tmp_path, monkeypatch, caplog):
     assert (tmp_path / "generated" / "macros.tex").read_text() == (ROOT / "paper" / "generated" / "macros.tex").read_text()
     assert pt.main([str(tmp_path / "missing")]) == 2
     assert "cannot read run metrics" in caplog.text
+
+
+def copied_run(folder: Path, manifest: bool = False, drop=lambda row: False, **metrics_changes) -> Path:
+    """The committed run's metrics.json and trials.jsonl copied into `folder`, without the rows `drop` picks, with
+    `metrics_changes` (a key set to None is deleted); with `manifest`, a manifest.json recording every evaluation's
+    rows as the pipeline does (before any row is dropped)."""
+    folder.mkdir()
+    metrics = json.loads((ROOT / "figures" / "metrics.json").read_text())
+    metrics.update(metrics_changes)
+    (folder / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if v is not None}))
+    trials = rundir.read_jsonl(ROOT / "figures" / "trials.jsonl")
+    if manifest:
+        record = rundir.Manifest(folder, "0" * 64)
+        for name, digest in rundir.trial_part_digests(trials).items():
+            record.record(name, digest)
+    rundir.write_jsonl(folder / "trials.jsonl", [t for t in trials if not drop(t)])
+    return folder
+
+
+def last_row_of(experiment: str, state: str, split: str | None = None):
+    """A `drop` for copied_run: the last row of one evaluation (and split)."""
+    rows = [t for t in rundir.read_jsonl(ROOT / "figures" / "trials.jsonl") if (t["experiment"], t["state"]) == (
+        experiment, state) and split in (None, t["split"])]
+    return lambda row: row == rows[-1]
+
+
+def test_paper_tables_read_an_intact_copy_with_or_without_its_manifest(tmp_path, monkeypatch):
+    monkeypatch.setattr(pt, "PAPER_DIR", tmp_path / "paper")
+    for manifest in (False, True):
+        assert pt.main([str(copied_run(tmp_path / f"run-{manifest}", manifest))]) == 0
+    assert (tmp_path / "paper" / "generated" / "macros.tex").read_text() == (
+        ROOT / "paper" / "generated" / "macros.tex").read_text()
+
+
+@pytest.mark.parametrize("manifest,drop,words", [
+    (False, last_row_of("introspection", "finetuned", "held-out"),
+     ["holds 79 finetuned held-out introspection trials where metrics.json counts 80"]),
+    (False, last_row_of("introspection", "base", "seen"), ["holds 159 base seen"]),
+    (True, last_row_of("introspection", "finetuned", "held-out"), ["trials.jsonl[introspection/finetuned]",
+                                                                    "does not match its checksum"]),
+    (True, last_row_of("continue", "finetuned"), ["trials.jsonl[continue/finetuned]", "does not match its checksum"]),
+    (True, lambda row: row["experiment"] == "safety", ["trials.jsonl[safety/", "missing"]),
+])
+def test_paper_tables_refuse_a_trials_file_missing_rows_as_the_pipeline_does(tmp_path, caplog, monkeypatch,
+                                                                             manifest, drop, words):
+    """A trials.jsonl missing rows gave blank table cells and exit 0 while the pipeline refused the folder: refused
+    in one line by its manifest, and without one when its introspection rows are not those metrics.json counts."""
+    monkeypatch.setattr(pt, "PAPER_DIR", tmp_path / "paper")
+    assert refused([str(copied_run(tmp_path / "run", manifest, drop))], caplog, *words, main=pt.main)
+    assert not (tmp_path / "paper").exists()
+
+
+@pytest.mark.parametrize("source,words", [("/dev/zero", ["not a regular file"]), ("fifo", ["not a regular file"]),
+                                          ("huge", ["larger than 67,108,864 bytes"])])
+def test_paper_tables_refuse_a_special_or_huge_metrics_file_without_reading_it(tmp_path, caplog, monkeypatch,
+                                                                                 source, words):
+    monkeypatch.setattr(pt, "PAPER_DIR", tmp_path / "paper")
+    if source == "fifo":
+        os.mkfifo(source := str(tmp_path / "metrics.json"))
+    elif source == "huge":
+        with open(source := str(tmp_path / "metrics.json"), "w") as f:
+            f.truncate((64 << 20) + 1)  # sparse: no disk used
+    assert refused([source], caplog, "run metrics", *words, main=pt.main)
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"training": None}, ["have no 'training'", "older version"]),
+    ({"capability": {"perplexity_change": 0.0}}, ["have no "]),
+])
+def test_paper_tables_of_an_older_run_are_one_line_not_a_key_error(tmp_path, caplog, monkeypatch, changes, words):
+    """Runs written before the completion mark (no status) are accepted by require_complete; where their metrics
+    lack a number the tables use (the committed runs of 2026-11-22 lack 'training' or 'language_modelling'), the
+    tables are refused in one line naming it, and nothing is written."""
+    monkeypatch.setattr(pt, "PAPER_DIR", tmp_path / "paper")
+    run = copied_run(tmp_path / "run", status=None, stages_done=None, **changes)
+    assert refused([str(run)], caplog, *words, main=pt.main)
+    assert "no completion mark" in caplog.text and not (tmp_path / "paper").exists()
 
 
 def test_the_pipeline_never_imports_the_report():

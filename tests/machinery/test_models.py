@@ -4,6 +4,7 @@ import hashlib
 import json
 import copy
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,21 @@ def test_bad_placements_are_refused_before_the_model_loads(tmp_path, caplog, no_
         (tmp_path / "map.json").write_text(content if isinstance(content, str) else json.dumps(content))
     args = TINY + ["--device-map", device_map, *extra, "--output-dir", str(tmp_path / "run")]
     assert refused(args, caplog, *words)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind,words", [("fifo", ["not a regular file"]), ("device", ["not a regular file"]),
+                                        ("huge", ["larger than 1,048,576 bytes"])])
+def test_a_map_file_that_is_a_special_or_huge_file_is_refused_without_reading_it(tmp_path, caplog, no_model_load,
+                                                                                   kind, words):
+    """A FIFO waited for a writer forever and /dev/zero filled the memory; a huge file is not read whole."""
+    path = "/dev/zero" if kind == "device" else str(tmp_path / "map.json")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "huge":
+        (tmp_path / "map.json").write_text('{"": "cpu"' + " " * (1 << 20) + "}")
+    args = TINY + ["--device-map", path, "--output-dir", str(tmp_path / "run")]
+    assert refused(args, caplog, "--device-map", "nor a readable JSON file", *words)
     assert not (tmp_path / "run").exists()
 
 
