@@ -11,7 +11,7 @@ from machinery.rundir import atomic_path, write_json
 
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
     "ci_err", "figure_label", "markdown_table", "model_label", "pct", "results_markdown", "results_table",
-    "capability_table", "continue_table", "safety_table", "ordinary_safety_table", "seeds_table", "write_results",
+    "capability_table", "continue_table", "controls_table", "safety_table", "ordinary_safety_table", "seeds_table", "write_results",
 ]
 
 
@@ -424,12 +424,42 @@ def plot_safety(safety: dict, trials: list[dict], strengths: list[str], label: s
     plt.close(fig)
 
 
+def controls_table(controls: dict) -> str:
+    """The 2026 controls (metrics.json's "controls", --introspection-controls): one row per model state and measure,
+    rates with Wilson 95% CIs."""
+    rows = []
+    for state, c in controls.items():
+        swap = c["question_swap"]
+        diff = swap["introspective_minus_swap"]
+        rows += [[state, "question swap", "held-out named: introspective question", pct(swap["introspective"]),
+                  f"n={swap['introspective']['n']}"],
+                 [state, "question swap", "held-out named: swap questions", pct(swap["swap"]),
+                  f"n={swap['swap']['n']}; introspective − swap " + ("n/a" if diff is None else f"{100 * diff:+.0f} pp")]]
+        rows += [[state, "prefill", f"{pool} named after the forced start", pct(r), f"n={r['n']}"]
+                 for pool, r in c["prefill"].items()]
+        rows += [[state, "prompt-only injection", f"{pool} {what}", pct(r[what]), f"n={r[what]['n']}"]
+                 for pool, r in c["prompt_only"].items() for what in ("detection", "success")]
+        rows += [[state, "nearest vector (baseline)", "held-out injected concept is the nearest",
+                  pct(c["nearest_vector"]["held-out"]), f"n={c['nearest_vector']['held-out']['n']}"],
+                 [state, "linear probe (baseline)", "held-out injections detected", pct(c["probe"]["detection"]),
+                  f"n={c['probe']['detection']['n']}"],
+                 [state, "linear probe (baseline)", "false positives, never-trained phrasings",
+                  pct(c["probe"]["false_positive"]), f"n={c['probe']['false_positive']['n']}"]]
+    return ("Question swap: the same held-out injections asked questions not about the model's state; named = the "
+            "concept anywhere in the answer. Prefill: the answer forced to start ' I detect an injected thought about'. "
+            "Prompt-only: the vector at every prompt position, removed at generation (paper's rule). Baselines read "
+            "the layer-L activation at the last prompt token.\n\n"
+            + markdown_table(["model", "control", "measure", "rate [95% CI]", "n / note"], rows))
+
+
 def results_markdown(metrics: dict) -> str:
     """results.md: every table of a run under a heading."""
     tokens = metrics["capability"]["answer_tokens"]
     sections = [("Introspection: base and fine-tuned, with controls", results_table(metrics)),
                 ("Capability retention", capability_table(metrics["capability"])),
                 ("Report-then-continue", continue_table(metrics["continue"], tokens))]
+    if "controls" in metrics:
+        sections += [("Is it introspection? The 2026 controls", controls_table(metrics["controls"]))]
     if "safety" in metrics:
         sections += [("Safety halt", safety_table(metrics["safety"]["results"])),
                      ("Safety in ordinary use", ordinary_safety_table(metrics["safety"]["ordinary_use"], tokens))]

@@ -61,10 +61,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+OPT_IN_EXPERIMENTS = ("introspection_controls",)  # switches that only add experiments to a run
+
+
 def run_settings(config: dict) -> dict:
     """A config (as a dict) as it defines a run: every field but the folder the run is written to and the permission
-    to run odd strengths (it changes no result)."""
-    return {k: v for k, v in config.items() if k not in ("output_dir", "force_strengths")}
+    to run odd strengths (it changes no result), and without an opt-in experiment switch that is off (a run without
+    it is the run as before the switch existed: same hash, and its run directories resume)."""
+    return {k: v for k, v in config.items() if k not in ("output_dir", "force_strengths")
+            and not (k in OPT_IN_EXPERIMENTS and not v)}
 
 
 def config_hash(cfg, length: int = 8) -> str:
