@@ -171,7 +171,7 @@ def model_depth(name: str) -> int:
         hub_model_available(name)
     try:
         if source.gguf_file:
-            config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+            config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False)
         else:
             config = AutoConfig.from_pretrained(source.path, token=os.environ.get("HF_TOKEN") or None,
                                                 trust_remote_code=False)
@@ -352,7 +352,7 @@ def load_embedded_tokenizer():
     """The embedded model's tokenizer (also the default tokenizer of random:SHAPE models), padding with EOS."""
     from transformers import AutoTokenizer
     path = alias_gguf(EMBEDDED_MODEL)
-    return with_padding(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+    return with_padding(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False))
 
 
 def with_padding(tok):
@@ -404,11 +404,14 @@ def load_model(cfg):
     placed = False
     token = os.environ.get("HF_TOKEN") or None
     if source.gguf_file:
-        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        check_prompt_format(tok, cfg.prompt_format)
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype,
-                                                     attn_implementation="sdpa", device_map=device_map,
-                                                     max_memory=max_memory)
+        try:
+            tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False)
+            check_prompt_format(tok, cfg.prompt_format)
+            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype,
+                                                         attn_implementation="sdpa", device_map=device_map,
+                                                         max_memory=max_memory, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise model_load_error(cfg.model, e) from None
         placed = device_map is not None
     elif source.kind == "random":
         shape = cfg.model.split(":", 1)[1]
@@ -538,7 +541,7 @@ def matmul_weights(model) -> int:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN") or None)
+        return AutoTokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN") or None, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load tokenizer '{name}': {str(e).strip().splitlines()[0]}") from None
 
