@@ -57,8 +57,9 @@ from machinery.models import (DEVICE_MAP_STRATEGIES, EMBEDDED_MODEL, MODEL_ALIAS
                               load_model, model_depth, position_ids, prompt_positions, unwrap, validate_placement)
 from machinery.report import model_label, seeds_table, write_results
 from machinery.rundir import (CONFIG_FILE, Manifest, RunState, Timer, atomic_path, claim_run_dir, claim_seeds_dir,
-                              config_hash, environment, load_or_build_dataset, load_or_train_adapter, prepare_run_dir,
-                              prepare_seeds_dir, run_dir_lock, run_status, undone_on_refusal, write_json)
+                              config_hash, load_or_build_dataset, load_or_train_adapter, prepare_run_dir,
+                              prepare_seeds_dir, record_environment, run_dir_lock, run_status, undone_on_refusal,
+                              write_json)
 
 __all__ = [  # the declared surface: what the studies, the benchmark, paper/tables.py and the notebook may use
     # the paper's lists, prompts and data
@@ -2120,7 +2121,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
 def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]], store: RunState, fresh: bool) -> dict:
     """Stages 2-10 of run(), in a locked run directory whose config.json matches `cfg`; each finished artifact is
     recorded in store.manifest. A refusal in a `fresh` directory (odd strengths, a model refused) leaves it clean."""
-    write_json(store.run_dir / "environment.json", environment())
+    record_environment(store.run_dir, fresh)
     log.info("Run directory: %s (config %s): model %s, layer %d, train strengths %s, eval strengths %s",
              store.run_dir, config_hash(cfg), cfg.model, cfg.layer, " ".join(cfg.train_strengths),
              " ".join(cfg.eval_strengths))

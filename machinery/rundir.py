@@ -24,9 +24,9 @@ from machinery.models import DEVICE_MAP_STRATEGIES
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
     "CONFIG_FILE", "Manifest", "RunState", "Timer", "atomic_path", "claim_run_dir", "claim_seeds_dir", "config_hash",
     "environment", "finished_metrics", "load_or_build_dataset", "load_or_train_adapter", "model_slug", "peak_gpu_gib",
-    "prepare_run_dir", "prepare_seeds_dir", "read_artifact", "read_json_or_none", "read_jsonl", "require_complete",
-    "reset_gpu_peaks", "run_dir_lock", "run_status", "synchronize_gpus", "undone_on_refusal", "write_json",
-    "write_jsonl",
+    "prepare_run_dir", "prepare_seeds_dir", "read_artifact", "read_json_or_none", "read_jsonl", "record_environment",
+    "require_complete", "reset_gpu_peaks", "run_dir_lock", "run_status", "synchronize_gpus", "undone_on_refusal",
+    "write_json", "write_jsonl",
 ]
 
 
@@ -127,6 +127,8 @@ CONFIG_FILE = "config.json"
 
 MANIFEST_FILE = "manifest.json"
 
+ENVIRONMENT_FILE = "environment.json"
+
 DAMAGED = "delete {dir} and rerun, or choose another --output-dir"  # what to do about a damaged run directory
 
 
@@ -138,7 +140,7 @@ def undone_on_refusal(run_dir: Path | None):
     try:
         yield
     except ConfigError:
-        for name in (CONFIG_FILE, MANIFEST_FILE, "environment.json", "timings.json", "vectors.safetensors") if run_dir else ():
+        for name in (CONFIG_FILE, MANIFEST_FILE, ENVIRONMENT_FILE, "timings.json", "vectors.safetensors") if run_dir else ():
             (run_dir / name).unlink(missing_ok=True)
         raise
 
@@ -509,6 +511,7 @@ def finished_metrics(run_dir: Path, cfg) -> dict | None:
 
 
 def environment() -> dict:
+    """The software and hardware a run executes on (environment.json)."""
     import importlib.metadata as md
     versions = {}
     for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "gguf", "numpy", "matplotlib",
@@ -517,9 +520,50 @@ def environment() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "processor": processor(),
+            "packages": versions, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_threads": torch.get_num_threads()}
+
+
+# the CPU features that decide which bf16/fp32 kernels run on the CPU: results are byte-comparable only between
+# processors with the same ones (and the same packages)
+KERNEL_ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+              "amx_int8")
+
+
+def processor() -> dict:
+    """The CPU: its model name (/proc/cpuinfo, else platform.processor()), architecture, which of KERNEL_ISA it has,
+    and the vector capability torch's CPU kernels use."""
+    model, flags = None, set()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"model": model or platform.processor() or None, "machine": platform.machine(),
+            "isa": [f for f in KERNEL_ISA if f in flags], "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def record_environment(run_dir: Path, fresh: bool) -> None:
+    """environment.json keeps the environment that produced the run: written when the run starts `fresh`, never
+    rewritten on resume. A resume in another environment writes it to environment_resume.json and logs the fields
+    that differ (another processor kind: bf16 results are not byte-comparable)."""
+    current = environment()
+    if fresh:
+        write_json(run_dir / ENVIRONMENT_FILE, current)
+        return
+    saved = read_json_or_none(run_dir / ENVIRONMENT_FILE)
+    if saved != current:
+        changed = sorted(k for k in current if not isinstance(saved, dict) or saved.get(k) != current[k])
+        log.info("Resuming in another environment than %s's (%s): recorded in environment_resume.json",
+                 ENVIRONMENT_FILE, ", ".join(changed))
+        write_json(run_dir / "environment_resume.json", current)
 
 
 def synchronize_gpus() -> None:

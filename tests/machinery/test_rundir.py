@@ -308,6 +308,22 @@ def test_a_complete_run_resumes_entirely(complete, copy, caplog):
     assert outputs(run_dir) == outputs(complete[0])
 
 
+def test_environment_json_keeps_the_environment_that_produced_the_run(copy, caplog):
+    run_dir, args = copy
+    path = run_dir / "environment.json"
+    produced = json.loads(path.read_text())
+    assert produced["processor"]["model"] and isinstance(produced["processor"]["isa"], list)
+    assert produced["processor"]["torch_cpu_capability"]
+    code, text, _ = run_main(args, caplog)  # the same environment: nothing written
+    assert code == 0 and json.loads(path.read_text()) == produced and not (run_dir / "environment_resume.json").exists()
+    elsewhere = {**produced, "processor": {**produced["processor"], "model": "Another CPU", "isa": []}}
+    path.write_text(json.dumps(elsewhere))
+    code, text, _ = run_main(args, caplog)
+    assert code == 0 and json.loads(path.read_text()) == elsewhere  # the producing environment is kept
+    assert json.loads((run_dir / "environment_resume.json").read_text()) == produced
+    assert "another environment" in text and "processor" in text
+
+
 # --- completion mark; Ctrl-C -----------------------------------------------------------------------------------------
 
 def test_an_interrupted_run_is_partial_and_refused_by_its_readers(copy, caplog, monkeypatch):
