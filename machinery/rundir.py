@@ -386,14 +386,25 @@ def saved_run_diff(saved, cfg, record: dict) -> list[str]:
                    if inputs.get(k) != current.get(k)]
 
 
+def code_files() -> list[Path]:
+    """The code a run executes, besides the installed packages: the script and the machinery package's modules."""
+    return [DATA_DIR.parent / "introspection_experiment.py", *sorted(Path(__file__).resolve().parent.glob("*.py"))]
+
+
+def code_hash() -> str:
+    """sha256 of the code (code_files: each file's name and contents): the version of the code that made a run."""
+    listing = "".join(f"{path.name}\0{sha256_file(path)}\n" for path in code_files())
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def run_record(cfg) -> dict:
-    """config.json's content: the resolved config and the sha256 of each input file."""
-    return {"config": dataclasses.asdict(cfg), "inputs": input_digests(cfg)}
+    """config.json's content: the resolved config, the sha256 of each input file and the code hash (code_hash)."""
+    return {"config": dataclasses.asdict(cfg), "inputs": input_digests(cfg), "code": code_hash()}
 
 
 def check_run_dir(run_dir: Path, cfg) -> bool:
-    """Without writing anything: True if run_dir holds this config's run (config.json matches: the resolved config
-    and the input contents), False if it is absent or empty (nothing but a lock file and temporaries of a killed run).
+    """Without writing anything: True if run_dir holds this config's run (config.json matches: the resolved config,
+    the input contents and the code hash), False if it is absent or empty (nothing but a lock file and temporaries of a killed run).
     Anything else is refused in one line: another config's run, or files that no matching config.json vouches for
     (another run's adapter/, a repository folder)."""
     if not check_folder(run_dir):
@@ -403,9 +414,15 @@ def check_run_dir(run_dir: Path, cfg) -> bool:
         saved = read_artifact(path, read_json)
         if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
             raise ConfigError(f"{path} is not a run config (no 'config' object); " + DAMAGED.format(dir=run_dir))
-        if diff := saved_run_diff(saved, cfg, run_record(cfg)):
+        record = run_record(cfg)
+        if diff := saved_run_diff(saved, cfg, record):
             raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
                               "choose another --output-dir")
+        if saved.get("code") != record["code"]:
+            made = f"code hash {saved['code'][:12]}" if isinstance(saved.get("code"), str) else "no code hash"
+            raise ConfigError(f"{run_dir} holds a run made by other code ({made} in {CONFIG_FILE}, {record['code'][:12]} "
+                              "now: the script or machinery/ changed), which a resume would mix with this code's "
+                              "results; choose another --output-dir, or delete it to rerun")
         return True
     if leftovers := artifacts_in(run_dir):
         raise ConfigError(f"{run_dir} holds {', '.join(leftovers)} but no {CONFIG_FILE}: they cannot be matched to "

@@ -226,6 +226,17 @@ def test_a_seeds_folder_holding_other_files_is_refused_before_anything_is_writte
     assert sorted(p.name for p in base.iterdir()) == ["thesis.tex"]
 
 
+def test_a_resume_under_other_code_is_refused_naming_the_code_hash(copy, caplog, monkeypatch):
+    run_dir, args = copy
+    made_by = json.loads((run_dir / "config.json").read_text())["code"]
+    assert made_by == rundir.code_hash() and len(made_by) == 64
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    monkeypatch.setattr(rundir, "code_hash", lambda: "f" * 64)  # the script or machinery/ edited since
+    code, text, errors = run_main(args, caplog)
+    assert one_line_refusal(code, text, errors, "other code", made_by[:12], "f" * 12), errors
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+
+
 def test_a_corrupt_config_is_one_line(copy, caplog):
     run_dir, args = copy
     (run_dir / "config.json").write_text('{"config": {"mod')
