@@ -54,7 +54,8 @@ from machinery import DATA_DIR, ConfigError, Progress, cli, log, progress
 from machinery.fastpath import cuda_fast_path, fast_path_on, static_decoder, training_steps
 from machinery.models import (DEVICE_MAP_STRATEGIES, EMBEDDED_MODEL, MODEL_ALIASES, RANDOM_SHAPES,
                               check_model_available, contiguous_lm_head, decoder_layers, input_device, lm_head_at,
-                              load_model, model_depth, position_ids, prompt_positions, unwrap, validate_placement)
+                              load_model, model_depth, offline_unless_hub, position_ids, prompt_positions, unwrap,
+                              validate_placement)
 from machinery.report import model_label, seeds_table, write_results
 from machinery.rundir import (CONFIG_FILE, Manifest, RunState, Timer, atomic_path, claim_run_dir, claim_seeds_dir,
                               config_hash, load_or_build_dataset, load_or_train_adapter, prepare_run_dir,
@@ -2111,6 +2112,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
     without adapters. The run directory is locked for the whole run."""
     # 1. configuration: every value the run uses, decided, checked, hashed and saved (config.json) before anything runs
     cfg = resolve_config(cfg)
+    offline_unless_hub(cfg.model)
     concepts = load_concepts(cfg)
     run_dir = prepare_run_dir(cfg)
     with run_dir_lock(run_dir):
@@ -2224,6 +2226,7 @@ def run_seeds(cfg: Config) -> dict:
     before anything is written in it) and is locked for the whole run, and every input is checked before the model
     loads."""
     cfg = resolve_config(cfg)
+    offline_unless_hub(cfg.model)
     single = dataclasses.replace(cfg, seeds=None, output_dir=None)
     load_concepts(single)
     base = prepare_seeds_dir(cfg)

@@ -18,8 +18,8 @@ from machinery import ConfigError, log
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
     "DEVICE_MAP_STRATEGIES", "EMBEDDED_MODEL", "MODEL_ALIASES", "RANDOM_SHAPES", "check_model_available",
     "contiguous_lm_head", "decoder_layers", "input_device", "lm_head_at", "load_embedded_tokenizer", "load_model",
-    "load_tokenizer", "matmul_weights", "model_depth", "num_layers", "position_ids", "prompt_positions",
-    "resolve_model_source", "text_config", "unwrap", "validate_placement",
+    "load_tokenizer", "matmul_weights", "model_depth", "num_layers", "offline_unless_hub", "position_ids",
+    "prompt_positions", "resolve_model_source", "text_config", "unwrap", "validate_placement",
 ]
 
 
@@ -178,6 +178,33 @@ def model_depth(name: str) -> int:
     except (OSError, ValueError) as e:
         raise model_load_error(name, e) from None
     return (getattr(config, "text_config", None) or config).num_hidden_layers
+
+
+def is_hub_model(model: str) -> bool:
+    """Whether --model is a hub id: not an alias, random:SHAPE, a .gguf file or a local folder (resolve_model_source's
+    last case), decided without assembling anything."""
+    return not (model in MODEL_ALIASES or model.startswith("random:") or model.endswith(".gguf")
+                or Path(model).expanduser().is_dir())
+
+
+HUB_ACCESS_BEFORE: dict = {}  # the user's HF_HUB_OFFLINE (environment, constant) before offline_unless_hub set it
+
+
+def offline_unless_hub(model: str) -> None:
+    """A run of a model that is not on the hub never contacts one: HF_HUB_OFFLINE for this process, in the environment
+    (libraries imported later) and in huggingface_hub's constants (read at each call). It covers what the libraries
+    fetch on their own, e.g. bitsandbytes' CPU kernel from the hub (kernels.get_kernel) on CPUs with AVX512-BF16. A
+    hub model (a later run of the same process) gets the user's setting back."""
+    from huggingface_hub import constants
+    if is_hub_model(model):
+        if HUB_ACCESS_BEFORE:
+            environ, constants.HF_HUB_OFFLINE = HUB_ACCESS_BEFORE.pop("environ"), HUB_ACCESS_BEFORE.pop("constant")
+            os.environ.pop("HF_HUB_OFFLINE") if environ is None else os.environ.update(HF_HUB_OFFLINE=environ)
+        return
+    HUB_ACCESS_BEFORE.setdefault("environ", os.environ.get("HF_HUB_OFFLINE"))
+    HUB_ACCESS_BEFORE.setdefault("constant", constants.HF_HUB_OFFLINE)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
 
 
 def hub_model_available(name: str) -> None:

@@ -582,3 +582,40 @@ def test_code_in_a_tokenizer_folder_is_never_run_even_if_stdin_says_yes(tok, tmp
     assert not marker.exists(), "the folder's Python file was imported"
     assert proc.returncode == 2 and len(errors) == 1 and "custom code" in errors[0], output[-3000:]
     assert "Traceback" not in output and "[y/N]" not in output
+
+
+# --- no hub for a model that is not on the hub -----------------------------------------------------------------------
+
+@pytest.fixture
+def recording_hub():
+    """A stand-in hub endpoint on 127.0.0.1 that answers 404 to everything and records each request's path."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_error(404)
+
+        do_HEAD = do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+def test_a_random_model_run_never_contacts_the_hub(tmp_path, recording_hub):
+    """Not offline, with a hub endpoint that records every request: a random:tiny run (peft, bitsandbytes and
+    whatever they import on this CPU) makes none."""
+    endpoint, requests = recording_hub
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    proc = subprocess.run([sys.executable, str(Path(ie.__file__)), *tiny_args(tmp_path, tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                          env={**env, "HF_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert requests == []
