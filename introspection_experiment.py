@@ -55,11 +55,13 @@ from machinery import DATA_DIR, ConfigError, Progress, cli, log, progress, read_
 from machinery.fastpath import cuda_fast_path, fast_path_on, static_decoder, training_steps
 from machinery.models import (DEVICE_MAP_STRATEGIES, EMBEDDED_MODEL, MODEL_ALIASES, RANDOM_SHAPES,
                               check_model_available, contiguous_lm_head, decoder_layers, input_device, lm_head_at,
-                              load_model, model_depth, position_ids, prompt_positions, unwrap, validate_placement)
+                              load_model, model_depth, offline_unless_hub, position_ids, prompt_positions, unwrap,
+                              validate_placement)
 from machinery.report import model_label, seeds_table, write_results
-from machinery.rundir import (CONFIG_FILE, Manifest, RunState, Timer, atomic_path, claim_run_dir, config_hash,
-                              environment, load_or_build_dataset, load_or_train_adapter, prepare_run_dir, run_dir_lock,
-                              run_status, undone_on_refusal, write_json)
+from machinery.rundir import (CONFIG_FILE, Manifest, RunState, Timer, atomic_path, claim_run_dir, claim_seeds_dir,
+                              config_hash, load_or_build_dataset, load_or_train_adapter, prepare_run_dir,
+                              prepare_seeds_dir, record_environment, run_dir_lock, run_status, undone_on_refusal,
+                              write_json)
 
 __all__ = [  # the declared surface: what the studies, the benchmark, paper/tables.py and the notebook may use
     # the paper's lists, prompts and data
@@ -2315,6 +2317,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
     without adapters. The run directory is locked for the whole run."""
     # 1. configuration: every value the run uses, decided, checked, hashed and saved (config.json) before anything runs
     cfg = resolve_config(cfg)
+    offline_unless_hub(cfg.model)
     concepts = load_concepts(cfg)
     run_dir = prepare_run_dir(cfg)
     with run_dir_lock(run_dir):
@@ -2325,7 +2328,7 @@ def run(cfg: Config, loaded: tuple | None = None) -> dict:
 def run_stages(cfg: Config, loaded: tuple | None, concepts: dict[str, list[str]], store: RunState, fresh: bool) -> dict:
     """Stages 2-10 of run(), in a locked run directory whose config.json matches `cfg`; each finished artifact is
     recorded in store.manifest. A refusal in a `fresh` directory (odd strengths, a model refused) leaves it clean."""
-    write_json(store.run_dir / "environment.json", environment())
+    record_environment(store.run_dir, fresh)
     log.info("Run directory: %s (config %s): model %s, layer %d, train strengths %s, eval strengths %s",
              store.run_dir, config_hash(cfg), cfg.model, cfg.layer, " ".join(cfg.train_strengths),
              " ".join(cfg.eval_strengths))
@@ -2426,26 +2429,30 @@ def headline(metrics: dict) -> dict[str, float | None]:
 
 def run_seeds(cfg: Config) -> dict:
     """The pipeline once per seed (each its own run directory; one model load), then mean ± sd (sample) over seeds
-    of each headline rate, written to seeds.json and seeds.md. The folder of the seeds is locked for the whole
-    run, and every input is checked before the model loads."""
+    of each headline rate, written to seeds.json and seeds.md. The folder of the seeds holds nothing else (checked
+    before anything is written in it) and is locked for the whole run, and every input is checked before the model
+    loads."""
     cfg = resolve_config(cfg)
+    offline_unless_hub(cfg.model)
     single = dataclasses.replace(cfg, seeds=None, output_dir=None)
     load_concepts(single)
-    base = prepare_run_dir(cfg)
+    base = prepare_seeds_dir(cfg)
     loaded, per_seed = None, {}
     with run_dir_lock(base):
+        claim_seeds_dir(base)
         for seed in cfg.seeds:
             seed_cfg = dataclasses.replace(single, seed=seed, output_dir=str(base / f"seed-{seed}"))
             loaded = loaded or load_model(seed_cfg)
             per_seed[seed] = headline(run(seed_cfg, loaded))
-    summary = {}
-    for name in per_seed[cfg.seeds[0]]:
-        values = [per_seed[seed][name] for seed in cfg.seeds if per_seed[seed][name] is not None]
-        summary[name] = {"mean": float(np.mean(values)) if values else None,
-                         "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                         "values": {str(seed): per_seed[seed][name] for seed in cfg.seeds}}
-    write_json(base / "seeds.json", {"seeds": cfg.seeds, "config": dataclasses.asdict(single), "metrics": summary})
-    (base / "seeds.md").write_text(seeds_table(summary, cfg.seeds))
+        summary = {}
+        for name in per_seed[cfg.seeds[0]]:
+            values = [per_seed[seed][name] for seed in cfg.seeds if per_seed[seed][name] is not None]
+            summary[name] = {"mean": float(np.mean(values)) if values else None,
+                             "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                             "values": {str(seed): per_seed[seed][name] for seed in cfg.seeds}}
+        write_json(base / "seeds.json", {"seeds": cfg.seeds, "config": dataclasses.asdict(single), "metrics": summary})
+        with atomic_path(base / "seeds.md") as tmp:
+            tmp.write_text(seeds_table(summary, cfg.seeds))
     log.info("Over seeds %s:\n%s", cfg.seeds, seeds_table(summary, cfg.seeds))
     return summary
 

@@ -18,8 +18,8 @@ from machinery import ConfigError, log, read_input_file
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
     "DEVICE_MAP_STRATEGIES", "EMBEDDED_MODEL", "MODEL_ALIASES", "RANDOM_SHAPES", "check_model_available",
     "contiguous_lm_head", "decoder_layers", "input_device", "lm_head_at", "load_embedded_tokenizer", "load_model",
-    "load_tokenizer", "matmul_weights", "model_depth", "num_layers", "position_ids", "prompt_positions",
-    "resolve_model_source", "text_config", "unwrap", "validate_placement",
+    "load_tokenizer", "matmul_weights", "model_depth", "num_layers", "offline_unless_hub", "position_ids",
+    "prompt_positions", "resolve_model_source", "text_config", "unwrap", "validate_placement",
 ]
 
 
@@ -175,13 +175,40 @@ def model_depth(name: str) -> int:
         hub_model_available(name)
     try:
         if source.gguf_file:
-            config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+            config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False)
         else:
             config = AutoConfig.from_pretrained(source.path, token=os.environ.get("HF_TOKEN") or None,
                                                 trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise model_load_error(name, e) from None
     return (getattr(config, "text_config", None) or config).num_hidden_layers
+
+
+def is_hub_model(model: str) -> bool:
+    """Whether --model is a hub id: not an alias, random:SHAPE, a .gguf file or a local folder (resolve_model_source's
+    last case), decided without assembling anything."""
+    return not (model in MODEL_ALIASES or model.startswith("random:") or model.endswith(".gguf")
+                or Path(model).expanduser().is_dir())
+
+
+HUB_ACCESS_BEFORE: dict = {}  # the user's HF_HUB_OFFLINE (environment, constant) before offline_unless_hub set it
+
+
+def offline_unless_hub(model: str) -> None:
+    """A run of a model that is not on the hub never contacts one: HF_HUB_OFFLINE for this process, in the environment
+    (libraries imported later) and in huggingface_hub's constants (read at each call). It covers what the libraries
+    fetch on their own, e.g. bitsandbytes' CPU kernel from the hub (kernels.get_kernel) on CPUs with AVX512-BF16. A
+    hub model (a later run of the same process) gets the user's setting back."""
+    from huggingface_hub import constants
+    if is_hub_model(model):
+        if HUB_ACCESS_BEFORE:
+            environ, constants.HF_HUB_OFFLINE = HUB_ACCESS_BEFORE.pop("environ"), HUB_ACCESS_BEFORE.pop("constant")
+            os.environ.pop("HF_HUB_OFFLINE") if environ is None else os.environ.update(HF_HUB_OFFLINE=environ)
+        return
+    HUB_ACCESS_BEFORE.setdefault("environ", os.environ.get("HF_HUB_OFFLINE"))
+    HUB_ACCESS_BEFORE.setdefault("constant", constants.HF_HUB_OFFLINE)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
 
 
 def hub_model_available(name: str) -> None:
@@ -356,7 +383,7 @@ def load_embedded_tokenizer():
     """The embedded model's tokenizer (also the default tokenizer of random:SHAPE models), padding with EOS."""
     from transformers import AutoTokenizer
     path = alias_gguf(EMBEDDED_MODEL)
-    return with_padding(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+    return with_padding(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False))
 
 
 def with_padding(tok):
@@ -408,11 +435,14 @@ def load_model(cfg):
     placed = False
     token = os.environ.get("HF_TOKEN") or None
     if source.gguf_file:
-        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        check_prompt_format(tok, cfg.prompt_format)
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype,
-                                                     attn_implementation="sdpa", device_map=device_map,
-                                                     max_memory=max_memory)
+        try:
+            tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False)
+            check_prompt_format(tok, cfg.prompt_format)
+            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype,
+                                                         attn_implementation="sdpa", device_map=device_map,
+                                                         max_memory=max_memory, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise model_load_error(cfg.model, e) from None
         placed = device_map is not None
     elif source.kind == "random":
         shape = cfg.model.split(":", 1)[1]
@@ -542,7 +572,7 @@ def matmul_weights(model) -> int:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN") or None)
+        return AutoTokenizer.from_pretrained(name, token=os.environ.get("HF_TOKEN") or None, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load tokenizer '{name}': {str(e).strip().splitlines()[0]}") from None
 

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -21,10 +22,11 @@ from machinery import DATA_DIR, ConfigError, log
 from machinery.models import DEVICE_MAP_STRATEGIES
 
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
-    "CONFIG_FILE", "Manifest", "RunState", "Timer", "atomic_path", "claim_run_dir", "config_hash", "environment",
-    "finished_metrics", "load_or_build_dataset", "load_or_train_adapter", "model_slug", "peak_gpu_gib",
-    "prepare_run_dir", "read_artifact", "read_finished_trials", "read_json_or_none", "read_jsonl", "require_complete", "reset_gpu_peaks",
-    "run_dir_lock", "run_status", "synchronize_gpus", "undone_on_refusal", "write_json", "write_jsonl",
+    "CONFIG_FILE", "Manifest", "RunState", "Timer", "atomic_path", "claim_run_dir", "claim_seeds_dir", "config_hash",
+    "environment", "finished_metrics", "load_or_build_dataset", "load_or_train_adapter", "model_slug", "peak_gpu_gib",
+    "prepare_run_dir", "prepare_seeds_dir", "read_artifact", "read_finished_trials", "read_json_or_none", "read_jsonl",
+    "record_environment", "require_complete", "reset_gpu_peaks", "run_dir_lock", "run_status", "synchronize_gpus",
+    "undone_on_refusal", "write_json", "write_jsonl",
 ]
 
 
@@ -93,21 +95,44 @@ def default_run_dir(cfg) -> Path:
     return Path(f"runs/{model_slug(cfg.model)}-{config_hash(cfg)}")
 
 
+def run_dir_of(cfg) -> Path:
+    """--output-dir, or the default run directory of `cfg`."""
+    return Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+
+
 def prepare_run_dir(cfg) -> Path:
-    """Create (or reopen) the run directory and check that it is writable (claim_run_dir checks what it holds)."""
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    """The run directory of `cfg`, first checked without writing anything (check_run_dir: absent, empty, or this
+    config's run; anything else is refused in one line and left as it was), then created if absent and probed for
+    writing."""
+    run_dir = run_dir_of(cfg)
+    check_run_dir(run_dir, cfg)
+    return writable(run_dir)
+
+
+def prepare_seeds_dir(cfg) -> Path:
+    """The folder of a --seeds run, checked like prepare_run_dir's (check_seeds_dir), then created and probed."""
+    base = run_dir_of(cfg)
+    check_seeds_dir(base)
+    return writable(base)
+
+
+def writable(folder: Path) -> Path:
+    """`folder`, created if absent, after a write probe that leaves no file (one line if it is not writable)."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()  # a uniquely named probe: processes starting together never collide
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a uniquely named probe: processes starting together never collide
     except OSError as e:
-        raise ConfigError(f"output directory {run_dir} is not writable: {e.strerror or e}") from None
-    return run_dir
+        raise ConfigError(f"output directory {folder} is not writable: {e.strerror or e}") from None
+    return folder
+
 
 LOCK_FILE = ".lock"
 
 CONFIG_FILE = "config.json"
 
 MANIFEST_FILE = "manifest.json"
+
+ENVIRONMENT_FILE = "environment.json"
 
 DAMAGED = "delete {dir} and rerun, or choose another --output-dir"  # what to do about a damaged run directory
 
@@ -120,7 +145,7 @@ def undone_on_refusal(run_dir: Path | None):
     try:
         yield
     except ConfigError:
-        for name in (CONFIG_FILE, MANIFEST_FILE, "environment.json", "timings.json", "vectors.safetensors") if run_dir else ():
+        for name in (CONFIG_FILE, MANIFEST_FILE, ENVIRONMENT_FILE, "timings.json", "vectors.safetensors") if run_dir else ():
             (run_dir / name).unlink(missing_ok=True)
         raise
 
@@ -209,39 +234,79 @@ def read_json_or_none(path: Path):
         return None
 
 
+def is_temporary(name: str) -> bool:
+    """Whether `name` is one of atomic_path's temporaries (".<name>.<8 random characters>.tmp"), left by a killed run."""
+    return re.fullmatch(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX), name) is not None
+
+
 def artifacts_in(run_dir: Path, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Names in a run directory other than the lock, the manifest, temporaries and `ignore`."""
-    skip = {LOCK_FILE, MANIFEST_FILE, *ignore}
-    return sorted(p.name for p in run_dir.iterdir() if p.name not in skip and not p.name.endswith(TEMPORARY_SUFFIX))
+    """Names in a run directory other than the lock, temporaries (is_temporary) and `ignore`."""
+    skip = {LOCK_FILE, *ignore}
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in skip and not is_temporary(p.name))
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Remove the temporaries a killed run left in `folder`: only once the folder is claimed, with the lock held."""
+    for leftover in folder.iterdir():
+        if is_temporary(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def check_lock_file(path: Path, status: os.stat_result | None = None) -> None:
+    """Refuse, in one line, a lock file that is not a plain file of its folder (a symbolic link, a folder, a special
+    file, a hard link to another file): it is never followed, written or truncated. An absent one is fine."""
+    try:
+        status = status or os.lstat(path)
+    except FileNotFoundError:
+        return
+    kind = ("a symbolic link" if stat.S_ISLNK(status.st_mode) else "a directory" if stat.S_ISDIR(status.st_mode)
+            else "a special file" if not stat.S_ISREG(status.st_mode)
+            else "a file with other hard links" if status.st_nlink != 1 else None)
+    if kind:
+        raise ConfigError(f"{path} is {kind}, not a lock file of this run; it is left as it is: remove it or choose "
+                          "another --output-dir")
+
+
+def check_folder(folder: Path) -> bool:
+    """Whether `folder` exists; refused in one line if it is not a directory or its lock file is not a plain file."""
+    if not folder.exists():
+        return False
+    if not folder.is_dir():
+        raise ConfigError(f"--output-dir {folder} is not a directory; choose another --output-dir")
+    check_lock_file(folder / LOCK_FILE)
+    return True
 
 
 @contextmanager
 def run_dir_lock(run_dir: Path):
     """Hold an exclusive lock (flock on run_dir/.lock) for the block; a second process gets one line naming the
-    holder. Temporaries left by a killed run are removed once the lock is held."""
+    holder. The lock file is opened without following a link and must be a plain file of the folder
+    (check_lock_file); the holder line is written only once the lock is held, and emptied when it is released."""
     import fcntl
     import socket
-    handle = open(run_dir / LOCK_FILE, "a+")
+    path = run_dir / LOCK_FILE
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to finish or choose another "
-                          "--output-dir") from None
-    try:
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
-        handle.flush()
-        for leftover in run_dir.glob(f".*{TEMPORARY_SUFFIX}"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        yield
-    finally:
-        handle.truncate(0)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        check_lock_file(path)  # a link or a folder: named as such
+        raise ConfigError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "r+") as handle:
+        check_lock_file(path, os.fstat(fd))
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to finish or choose another "
+                              "--output-dir") from None
+        try:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Manifest:
@@ -326,27 +391,83 @@ def saved_run_diff(saved, cfg, record: dict) -> list[str]:
                    if inputs.get(k) != current.get(k)]
 
 
-def claim_run_dir(run_dir: Path, cfg) -> Manifest:
-    """Before any stage, with the lock held: check that the directory's config.json matches this run (the resolved
-    config and the input contents) or write it into a directory without artifacts. Artifacts that no matching
-    config.json vouches for are refused."""
-    record = {"config": dataclasses.asdict(cfg), "inputs": input_digests(cfg)}
-    input_hash = config_hash(cfg, length=64)
+def code_files() -> list[Path]:
+    """The code a run executes, besides the installed packages: the script and the machinery package's modules."""
+    return [DATA_DIR.parent / "introspection_experiment.py", *sorted(Path(__file__).resolve().parent.glob("*.py"))]
+
+
+def code_hash() -> str:
+    """sha256 of the code (code_files: each file's name and contents): the version of the code that made a run."""
+    listing = "".join(f"{path.name}\0{sha256_file(path)}\n" for path in code_files())
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def run_record(cfg) -> dict:
+    """config.json's content: the resolved config, the sha256 of each input file and the code hash (code_hash)."""
+    return {"config": dataclasses.asdict(cfg), "inputs": input_digests(cfg), "code": code_hash()}
+
+
+def check_run_dir(run_dir: Path, cfg) -> bool:
+    """Without writing anything: True if run_dir holds this config's run (config.json matches: the resolved config,
+    the input contents and the code hash), False if it is absent or empty (nothing but a lock file and temporaries of a killed run).
+    Anything else is refused in one line: another config's run, or files that no matching config.json vouches for
+    (another run's adapter/, a repository folder)."""
+    if not check_folder(run_dir):
+        return False
     path = run_dir / CONFIG_FILE
     if path.exists():
         saved = read_artifact(path, read_json)
         if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
             raise ConfigError(f"{path} is not a run config (no 'config' object); " + DAMAGED.format(dir=run_dir))
+        record = run_record(cfg)
         if diff := saved_run_diff(saved, cfg, record):
             raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
                               "choose another --output-dir")
-        return Manifest.open(run_dir, input_hash)
+        if saved.get("code") != record["code"]:
+            made = f"code hash {saved['code'][:12]}" if isinstance(saved.get("code"), str) else "no code hash"
+            raise ConfigError(f"{run_dir} holds a run made by other code ({made} in {CONFIG_FILE}, {record['code'][:12]} "
+                              "now: the script or machinery/ changed), which a resume would mix with this code's "
+                              "results; choose another --output-dir, or delete it to rerun")
+        return True
     if leftovers := artifacts_in(run_dir):
         raise ConfigError(f"{run_dir} holds {', '.join(leftovers)} but no {CONFIG_FILE}: they cannot be matched to "
                           "a config, so they are not reused; choose another --output-dir (or empty it)")
-    manifest = Manifest(run_dir, input_hash).save()
-    write_json(path, record)
-    return manifest
+    return False
+
+
+def claim_run_dir(run_dir: Path, cfg) -> Manifest:
+    """Before any stage, with the lock held: check_run_dir again (another process may have written since), then, the
+    folder being this run's, remove temporaries of a killed run; open its manifest, or, in an empty folder, write
+    config.json (then a new manifest: a config without a manifest is resumed as a run with no artifacts)."""
+    input_hash = config_hash(cfg, length=64)
+    resume = check_run_dir(run_dir, cfg)
+    remove_temporaries(run_dir)
+    if resume:
+        return Manifest.open(run_dir, input_hash)
+    write_json(run_dir / CONFIG_FILE, run_record(cfg))
+    return Manifest(run_dir, input_hash).save()
+
+
+SEEDS_FILES = ("seeds.json", "seeds.md")
+
+
+def check_seeds_dir(base: Path) -> None:
+    """Without writing anything: refuse, in one line, a --seeds folder that holds anything but seed-N folders, the
+    seeds summary (SEEDS_FILES), a lock file and temporaries of a killed run (each seed-N folder is checked as a run
+    directory when its seed runs)."""
+    if not check_folder(base):
+        return
+    foreign = [name for name in artifacts_in(base, ignore=SEEDS_FILES)
+               if not (re.fullmatch(r"seed-\d+", name) and (base / name).is_dir())]
+    if foreign:
+        raise ConfigError(f"{base} holds {', '.join(foreign)}: not a --seeds folder (seed-N folders and "
+                          f"{', '.join(SEEDS_FILES)} only); choose another --output-dir")
+
+
+def claim_seeds_dir(base: Path) -> None:
+    """With the lock held: check_seeds_dir again, then remove temporaries of a killed run."""
+    check_seeds_dir(base)
+    remove_temporaries(base)
 
 
 def trials_part(experiment: str, state: str) -> str:
@@ -427,6 +548,7 @@ def finished_metrics(run_dir: Path, cfg) -> dict | None:
 
 
 def environment() -> dict:
+    """The software and hardware a run executes on (environment.json)."""
     import importlib.metadata as md
     versions = {}
     for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "gguf", "numpy", "matplotlib",
@@ -435,9 +557,50 @@ def environment() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "processor": processor(),
+            "packages": versions, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_threads": torch.get_num_threads()}
+
+
+# the CPU features that decide which bf16/fp32 kernels run on the CPU: results are byte-comparable only between
+# processors with the same ones (and the same packages)
+KERNEL_ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+              "amx_int8")
+
+
+def processor() -> dict:
+    """The CPU: its model name (/proc/cpuinfo, else platform.processor()), architecture, which of KERNEL_ISA it has,
+    and the vector capability torch's CPU kernels use."""
+    model, flags = None, set()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"model": model or platform.processor() or None, "machine": platform.machine(),
+            "isa": [f for f in KERNEL_ISA if f in flags], "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def record_environment(run_dir: Path, fresh: bool) -> None:
+    """environment.json keeps the environment that produced the run: written when the run starts `fresh`, never
+    rewritten on resume. A resume in another environment writes it to environment_resume.json and logs the fields
+    that differ (another processor kind: bf16 results are not byte-comparable)."""
+    current = environment()
+    if fresh:
+        write_json(run_dir / ENVIRONMENT_FILE, current)
+        return
+    saved = read_json_or_none(run_dir / ENVIRONMENT_FILE)
+    if saved != current:
+        changed = sorted(k for k in current if not isinstance(saved, dict) or saved.get(k) != current[k])
+        log.info("Resuming in another environment than %s's (%s): recorded in environment_resume.json",
+                 ENVIRONMENT_FILE, ", ".join(changed))
+        write_json(run_dir / "environment_resume.json", current)
 
 
 def synchronize_gpus() -> None:

@@ -5,6 +5,9 @@ import json
 import copy
 import logging
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 import introspection_experiment as ie
 import machinery
 from machinery import models, report, rundir, fastpath
-from conftest import make_tiny, refused
+from conftest import make_tiny, refused, tiny_args
 
 
 def build(config_cls, **extra):
@@ -556,3 +559,78 @@ def test_chat_format_for_a_base_model_is_refused_before_the_weights_load(tok, tm
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert left in ([], [rundir.LOCK_FILE])  # nothing that would refuse the fixed command: at most the released lock
     assert not left or (out / rundir.LOCK_FILE).read_text() == ""
+
+
+# --- no code from a model folder --------------------------------------------------------------------------------------
+
+def hostile_tokenizer_folder(tok, folder: Path, marker: Path) -> Path:
+    """The embedded tokenizer saved in `folder`, its tokenizer_config.json naming a class of a Python file there
+    (auto_map) that, if ever imported, writes `marker` and exits."""
+    tok.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    path.write_text(json.dumps(config))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit('custom code ran')\n")
+    return folder
+
+
+def run_answering_yes(args: list[str]) -> subprocess.CompletedProcess:
+    """The script run with `args`, "y" waiting on its stdin (what a user at a terminal, or `yes |`, would answer)."""
+    command = [sys.executable, str(Path(ie.__file__)), *args]
+    return subprocess.run(command, input="y\n" * 4, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "gguf folder"])
+def test_code_in_a_tokenizer_folder_is_never_run_even_if_stdin_says_yes(tok, tmp_path, where):
+    marker = tmp_path / "custom-code-ran"
+    folder = hostile_tokenizer_folder(tok, tmp_path / "hostile", marker)
+    if where == "tokenizer":
+        model = ["--tokenizer", str(folder)]
+    else:  # a .gguf file beside the hostile tokenizer files
+        shutil.copyfile(models.alias_gguf(models.EMBEDDED_MODEL), folder / "model.gguf")
+        model = ["--model", str(folder / "model.gguf"), "--layer", "2"]
+    proc = run_answering_yes([*tiny_args(tmp_path, tmp_path / "run"), *model])
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert not marker.exists(), "the folder's Python file was imported"
+    assert proc.returncode == 2 and len(errors) == 1 and "custom code" in errors[0], output[-3000:]
+    assert "Traceback" not in output and "[y/N]" not in output
+
+
+# --- no hub for a model that is not on the hub -----------------------------------------------------------------------
+
+@pytest.fixture
+def recording_hub():
+    """A stand-in hub endpoint on 127.0.0.1 that answers 404 to everything and records each request's path."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_error(404)
+
+        do_HEAD = do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+def test_a_random_model_run_never_contacts_the_hub(tmp_path, recording_hub):
+    """Not offline, with a hub endpoint that records every request: a random:tiny run (peft, bitsandbytes and
+    whatever they import on this CPU) makes none."""
+    endpoint, requests = recording_hub
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    proc = subprocess.run([sys.executable, str(Path(ie.__file__)), *tiny_args(tmp_path, tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                          env={**env, "HF_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert requests == []

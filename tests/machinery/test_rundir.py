@@ -58,6 +58,7 @@ def outputs(run_dir: Path) -> dict:
 # --- one process at a time -------------------------------------------------------------------------------------------
 
 def test_a_second_process_on_a_locked_directory_exits_2_naming_the_holder(tmp_path):
+    """The same command started twice: the second passes the folder check (its config) and finds the lock held."""
     args = tiny_args(tmp_path, tmp_path / "run")
     command = [sys.executable, str(ROOT / "introspection_experiment.py"), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -68,7 +69,7 @@ def test_a_second_process_on_a_locked_directory_exits_2_naming_the_holder(tmp_pa
         while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
             time.sleep(0.2)
         assert first.poll() is None, "the first run ended before the second started"
-        second = subprocess.run(command + ["--seed", "5"], env=env, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
         assert second.returncode == 2 and len(lines) == 1, lines
         assert f"is in use by pid {first.pid} on " in lines[0] and " since " in lines[0]
@@ -76,6 +77,38 @@ def test_a_second_process_on_a_locked_directory_exits_2_naming_the_holder(tmp_pa
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, caplog):
+    target = tmp_path / "precious.txt"
+    target.write_text("41 bytes of somebody else's precious data\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / rundir.LOCK_FILE).symlink_to(target)
+    code, text, errors = run_main(tiny_args(tmp_path, run_dir), caplog)
+    assert one_line_refusal(code, text, errors, rundir.LOCK_FILE, "symbolic link"), errors
+    assert target.read_text() == "41 bytes of somebody else's precious data\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == [rundir.LOCK_FILE]
+
+
+@pytest.mark.parametrize("kind", ["symbolic link", "directory", "hard links"])
+def test_the_lock_never_opens_a_link_or_a_folder_even_after_the_checks(tmp_path, kind):
+    """run_dir_lock itself (a .lock planted between the folder check and the lock): refused, nothing written."""
+    target = tmp_path / "precious.txt"
+    target.write_text("precious\n")
+    lock = tmp_path / rundir.LOCK_FILE
+    {"symbolic link": lambda: lock.symlink_to(target), "directory": lock.mkdir,
+     "hard links": lambda: os.link(target, lock)}[kind]()
+    with pytest.raises(machinery.ConfigError, match=kind):
+        with rundir.run_dir_lock(tmp_path):
+            pytest.fail("locked through a " + kind)
+    assert target.read_text() == "precious\n"
+
+
+def test_a_lock_file_that_is_a_directory_is_one_line(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    (run_dir / rundir.LOCK_FILE).mkdir(parents=True)
+    assert one_line_refusal(*run_main(tiny_args(tmp_path, run_dir), caplog), rundir.LOCK_FILE, "directory")
 
 
 def write_many(path: str, worker: int, count: int) -> None:
@@ -144,6 +177,64 @@ def test_artifacts_without_a_manifest_are_not_adopted(copy, caplog):
     run_dir, args = copy
     (run_dir / "manifest.json").unlink()
     assert one_line_refusal(*run_main(args, caplog), "no manifest.json")
+
+
+def test_a_refused_folder_is_left_exactly_as_it_was(tmp_path, caplog):
+    """A folder that is not a run (a user's notes, a hidden draft folder that looks like a temporary): refused before
+    anything is created, deleted or rewritten in it; no lock file is left behind."""
+    folder = tmp_path / "notes"
+    (folder / ".draft.tmp").mkdir(parents=True)
+    (folder / ".draft.tmp" / "chapter.txt").write_text("draft")
+    (folder / "todo.txt").write_text("todo")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    code, text, errors = run_main(tiny_args(tmp_path, folder), caplog)
+    assert one_line_refusal(code, text, errors, "todo.txt", "no config.json"), errors
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    assert (folder / ".draft.tmp" / "chapter.txt").read_text() == "draft"
+
+
+def test_another_runs_adapter_folder_is_refused_without_planting_anything(copy, caplog):
+    run_dir, args = copy
+    adapter = run_dir / "adapter"
+    before = sorted(p.name for p in adapter.iterdir())
+    code, text, errors = run_main(args[:-1] + [str(adapter)], caplog)
+    assert one_line_refusal(code, text, errors, "adapter_config.json", "no config.json"), errors
+    assert sorted(p.name for p in adapter.iterdir()) == before  # no .lock: the run it belongs to still verifies
+    code, text, _ = run_main(args, caplog)
+    assert code == 0 and "Trained" not in text
+
+
+def test_temporaries_of_a_killed_run_are_removed_once_the_folder_is_claimed(copy, caplog):
+    run_dir, args = copy
+    (run_dir / ".trials.jsonl.k2j3h4g5.tmp").mkdir()
+    (run_dir / ".trials.jsonl.k2j3h4g5.tmp" / "trials.jsonl").write_text("half")
+    (run_dir / ".notes.tmp").mkdir()  # a hidden folder of the user's, not named as the run names its temporaries
+    (run_dir / ".notes.tmp" / "a.txt").write_text("notes")
+    code, text, _ = run_main(args, caplog)
+    assert code == 0 and not (run_dir / ".trials.jsonl.k2j3h4g5.tmp").exists()
+    assert (run_dir / ".notes.tmp" / "a.txt").read_text() == "notes"
+
+
+def test_a_seeds_folder_holding_other_files_is_refused_before_anything_is_written(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(ie, "load_model", None)  # calling it would be a traceback
+    base = tmp_path / "seeds"
+    base.mkdir()
+    (base / "thesis.tex").write_text("thesis")
+    args = tiny_args(tmp_path, base) + ["--seeds", "0", "1"]
+    code, text, errors = run_main(args, caplog)
+    assert one_line_refusal(code, text, errors, "thesis.tex", "not a --seeds folder"), errors
+    assert sorted(p.name for p in base.iterdir()) == ["thesis.tex"]
+
+
+def test_a_resume_under_other_code_is_refused_naming_the_code_hash(copy, caplog, monkeypatch):
+    run_dir, args = copy
+    made_by = json.loads((run_dir / "config.json").read_text())["code"]
+    assert made_by == rundir.code_hash() and len(made_by) == 64
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    monkeypatch.setattr(rundir, "code_hash", lambda: "f" * 64)  # the script or machinery/ edited since
+    code, text, errors = run_main(args, caplog)
+    assert one_line_refusal(code, text, errors, "other code", made_by[:12], "f" * 12), errors
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
 
 def test_a_corrupt_config_is_one_line(copy, caplog):
@@ -226,6 +317,22 @@ def test_a_complete_run_resumes_entirely(complete, copy, caplog):
     code, text, _ = run_main(args, caplog)
     assert code == 0 and "recomputing" not in text and "Trained" not in text
     assert outputs(run_dir) == outputs(complete[0])
+
+
+def test_environment_json_keeps_the_environment_that_produced_the_run(copy, caplog):
+    run_dir, args = copy
+    path = run_dir / "environment.json"
+    produced = json.loads(path.read_text())
+    assert produced["processor"]["model"] and isinstance(produced["processor"]["isa"], list)
+    assert produced["processor"]["torch_cpu_capability"]
+    code, text, _ = run_main(args, caplog)  # the same environment: nothing written
+    assert code == 0 and json.loads(path.read_text()) == produced and not (run_dir / "environment_resume.json").exists()
+    elsewhere = {**produced, "processor": {**produced["processor"], "model": "Another CPU", "isa": []}}
+    path.write_text(json.dumps(elsewhere))
+    code, text, _ = run_main(args, caplog)
+    assert code == 0 and json.loads(path.read_text()) == elsewhere  # the producing environment is kept
+    assert json.loads((run_dir / "environment_resume.json").read_text()) == produced
+    assert "another environment" in text and "processor" in text
 
 
 # --- completion mark; Ctrl-C -----------------------------------------------------------------------------------------
