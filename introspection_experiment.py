@@ -33,9 +33,7 @@ Every stage writes its artifact into the run directory; running again with the s
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -51,40 +49,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from machinery import DATA_DIR, ConfigError, Progress, cli, log, progress, read_input_file
+from machinery import DATA_DIR, ConfigError, Progress, cli, config_parser, log, progress, read_input_file
 from machinery.fastpath import cuda_fast_path, fast_path_on, static_decoder, training_steps
 from machinery.models import (DEVICE_MAP_STRATEGIES, EMBEDDED_MODEL, MODEL_ALIASES, RANDOM_SHAPES,
                               check_model_available, contiguous_lm_head, decoder_layers, input_device, lm_head_at,
-                              load_model, model_depth, offline_unless_hub, position_ids, prompt_positions, unwrap,
-                              validate_placement)
+                              load_model, mixed_precision, model_depth, offline_unless_hub, position_ids,
+                              prompt_positions, validate_placement)
 from machinery.report import model_label, seeds_table, write_results
 from machinery.rundir import (CONFIG_FILE, Manifest, RunState, Timer, atomic_path, claim_run_dir, claim_seeds_dir,
-                              config_hash, load_or_build_dataset, load_or_train_adapter, prepare_run_dir,
-                              prepare_seeds_dir, record_environment, run_dir_lock, run_status, undone_on_refusal,
-                              write_json)
+                              config_hash, load_or_build_dataset, load_or_train_adapter, load_vectors, prepare_run_dir,
+                              prepare_seeds_dir, record_environment, run_dir_lock, run_status, save_vectors,
+                              to_dataset, undone_on_refusal, write_json)
 
 __all__ = [  # the declared surface: what the studies, the benchmark, paper/tables.py and the notebook may use
-    # the paper's lists, prompts and data
     "TRAIN_CONCEPTS", "HELDOUT_CONCEPTS", "BASELINE_WORDS", "DETECTION_QUESTIONS", "POSITIVE_COMPLETION",
     "NEGATIVE_COMPLETION", "SAFETY_CATEGORIES", "CAPABILITY_TOKENS", "PAPER_MODEL", "LORA_TARGETS", "RECIPES",
-    "ordinary_prompts", "exact_answers",
-    # 1. configuration
-    "Config", "flag", "config_from_args", "resolve_config", "parse_strength",
-    # 2-3. the injection hook, generation, concept vectors
-    "injection", "capture_residual", "generate", "greedy_answers", "decode_answers", "extract_concept_vectors",
-    "random_directions",
-    # 4. dataset
-    "build_dataset", "training_set", "replay_and_continue_rows",
-    # 5, 7. evaluation and statistics
-    "build_trials", "run_trials", "grade", "summarize", "rate", "select", "wilson", "yates_chi2",
-    # 6. training
-    "tokenize_examples", "train_lora",
-    # 8. capability
-    "measure_capability", "capability_summary", "answer_kl", "agree",
-    # 10. safety
-    "generate_with_halt", "safety_stage",
-    # the pipeline
-    "run", "run_seeds", "headline", "main",
+    "ordinary_prompts", "exact_answers", "Config", "config_from_args", "resolve_config", "parse_strength", "injection",
+    "capture_residual", "generate", "greedy_answers", "decode_answers", "extract_concept_vectors", "random_directions",
+    "build_dataset", "training_set", "replay_and_continue_rows", "build_trials", "run_trials", "grade", "summarize",
+    "rate", "select", "wilson", "yates_chi2", "tokenize_examples", "train_lora", "measure_capability",
+    "capability_summary", "answer_kl", "agree", "generate_with_halt", "safety_stage", "run", "run_seeds", "headline",
+    "main",
 ]
 
 
@@ -434,36 +419,10 @@ class Config:
         "decoding and training; machinery/fastpath.py): CUDA then runs the CPU's code path")})
 
 
-def flag(f: dataclasses.Field) -> str:
-    """The command-line flag of a Config field: --field-name, or the one its metadata names (--no-... for a switch
-    that is on by default)."""
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one flag per Config field, each defaulting to the field's default."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kwargs = dict(help=f.metadata["help"], default=f.default, dest=f.name)
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if f.type == "bool":
-            kwargs["action"] = "store_false" if f.default else "store_true"
-        elif f.type.startswith("list["):
-            kwargs["nargs"] = "+"
-            if f.type.startswith("list[int]"):
-                kwargs["type"] = int
-        elif f.type in ("int", "int | None"):
-            kwargs["type"] = int
-        elif f.type in ("float", "float | None"):
-            kwargs["type"] = float
-        parser.add_argument(flag(f), **kwargs)
-    return parser
-
-
 def config_from_args(argv: list[str] | None = None) -> Config:
-    """The command line as a Config, as given (model-dependent defaults are left to resolve_config)."""
-    return Config(**vars(build_parser().parse_args(argv)))
+    """The command line (one flag per Config field: machinery.config_parser) as a Config, as given (model-dependent
+    defaults are left to resolve_config)."""
+    return Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
 
 
 def parse_strength(spec: str) -> tuple[float, str]:
@@ -965,22 +924,6 @@ def random_directions(n: int, dim: int, seed: int, prefix: str = "random") -> di
     return {f"{prefix}-{i:03d}": v for i, v in enumerate(vecs)}
 
 
-def save_vectors(path: Path, vectors: dict[str, torch.Tensor], baseline_mean: torch.Tensor, meta: dict) -> None:
-    from safetensors.torch import save_file
-    tensors = {"vectors": torch.stack([vectors[w] for w in meta["concepts"]]).contiguous(),
-               "baseline_mean": baseline_mean.contiguous()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
-
-
-def load_vectors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        stacked = f.get_tensor("vectors")
-    return {w: stacked[i] for i, w in enumerate(meta["concepts"])}, meta
-
-
 def load_or_extract_vectors(model, tok, concepts: dict[str, list[str]], cfg: Config, path: Path, timer: Timer,
                             stage: str, manifest: Manifest) -> tuple[dict[str, torch.Tensor], dict]:
     """The vectors (and metadata) saved at `path` (if its manifest entry matches), or those of
@@ -997,13 +940,6 @@ def load_or_extract_vectors(model, tok, concepts: dict[str, list[str]], cfg: Con
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Stage 4: dataset (paper §3.4), and ordinary prompts in training: self-distillation replay and report-then-continue
-
-
-def to_dataset(rows: list[dict]):
-    """A datasets.Dataset whose fingerprint is a hash of its rows (datasets would otherwise pickle the table)."""
-    import pyarrow as pa
-    from datasets import Dataset
-    return Dataset(pa.Table.from_pylist(rows), fingerprint=hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16])
 
 
 def stratified(strengths: list[str], n: int, rng: random.Random) -> list[str]:
@@ -1780,16 +1716,6 @@ def kl_to_base(base_logits: torch.Tensor, batch: dict, logits: torch.Tensor) -> 
     return (kl_divergence(base_logits.index_select(0, rows), logits) * weight).sum() / weight.sum().clamp(min=1)
 
 
-def mixed_precision(model):
-    """(autocast, gradient scaler) for training: on CUDA autocast in the model's dtype (a gradient scaler for fp16);
-    on the CPU both do nothing (the model computes in its own dtype)."""
-    dtype = unwrap(model).get_input_embeddings().weight.dtype
-    on_cuda = input_device(model).type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16, enabled=on_cuda,
-                              cache_enabled=False)
-    return autocast, torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)
-
-
 def train_lora(model, tok, dataset, vectors: dict[str, torch.Tensor], typical_norm: float, cfg: Config,
                on_epoch=None):
     """Wrap `model` with a fresh LoRA adapter (r, alpha, dropout on q/k/v/o) and train it with AdamW for cfg.epochs
@@ -2444,17 +2370,20 @@ def run_seeds(cfg: Config) -> dict:
             seed_cfg = dataclasses.replace(single, seed=seed, output_dir=str(base / f"seed-{seed}"))
             loaded = loaded or load_model(seed_cfg)
             per_seed[seed] = headline(run(seed_cfg, loaded))
-        summary = {}
-        for name in per_seed[cfg.seeds[0]]:
-            values = [per_seed[seed][name] for seed in cfg.seeds if per_seed[seed][name] is not None]
-            summary[name] = {"mean": float(np.mean(values)) if values else None,
-                             "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                             "values": {str(seed): per_seed[seed][name] for seed in cfg.seeds}}
+        summary = {name: mean_and_sd({str(seed): per_seed[seed][name] for seed in cfg.seeds})
+                   for name in per_seed[cfg.seeds[0]]}
         write_json(base / "seeds.json", {"seeds": cfg.seeds, "config": dataclasses.asdict(single), "metrics": summary})
         with atomic_path(base / "seeds.md") as tmp:
             tmp.write_text(seeds_table(summary, cfg.seeds))
     log.info("Over seeds %s:\n%s", cfg.seeds, seeds_table(summary, cfg.seeds))
     return summary
+
+
+def mean_and_sd(values: dict[str, float | None]) -> dict:
+    """{mean, sd (sample; None for fewer than 2), values} of one headline rate over seeds, ignoring None."""
+    known = [v for v in values.values() if v is not None]
+    return {"mean": float(np.mean(known)) if known else None,
+            "sd": float(np.std(known, ddof=1)) if len(known) > 1 else None, "values": values}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import introspection_experiment as ie  # noqa: E402
+import machinery  # noqa: E402
 from machinery import fastpath, models, rundir
 
 PEAK_FLOPS = 989e12
@@ -153,7 +154,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     for name in ("device_map", "max_gpu_memory"):  # the split options, as the script defines them
         field = next(f for f in dataclasses.fields(ie.Config) if f.name == name)
-        parser.add_argument(ie.flag(field), default=None, help=field.metadata["help"])
+        parser.add_argument(machinery.flag(field), default=None, help=field.metadata["help"])
     args, pipeline_args = parser.parse_known_args()  # any other flag goes to the pipeline (e.g. --replay 0.5)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()

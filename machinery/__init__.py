@@ -8,6 +8,8 @@ reported, and what a reader can skip to learn the science. It never imports the 
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
 import stat
@@ -113,3 +115,31 @@ def cli(action) -> int:
         log.error("Interrupted: every finished stage is saved in the run directory; the same command resumes")
         return 130
     return 0
+
+
+def flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: --field-name, or the one its metadata names (--no-... for a switch
+    that is on by default)."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def config_parser(config_class, description: str | None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of the dataclass `config_class` (its metadata: help, choices, a
+    flag name), each defaulting to the field's default; the types come from the fields' annotations (strings)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(config_class):
+        kwargs = dict(help=f.metadata["help"], default=f.default, dest=f.name)
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.type == "bool":
+            kwargs["action"] = "store_false" if f.default else "store_true"
+        elif f.type.startswith("list["):
+            kwargs["nargs"] = "+"
+            if f.type.startswith("list[int]"):
+                kwargs["type"] = int
+        elif f.type in ("int", "int | None"):
+            kwargs["type"] = int
+        elif f.type in ("float", "float | None"):
+            kwargs["type"] = float
+        parser.add_argument(flag(f), **kwargs)
+    return parser

@@ -19,7 +19,7 @@ __all__ = [  # the declared surface: what the script, the studies, the benchmark
     "DEVICE_MAP_STRATEGIES", "EMBEDDED_MODEL", "MODEL_ALIASES", "RANDOM_SHAPES", "check_model_available",
     "contiguous_lm_head", "decoder_layers", "input_device", "lm_head_at", "load_embedded_tokenizer", "load_model",
     "load_tokenizer", "matmul_weights", "model_depth", "num_layers", "offline_unless_hub", "position_ids",
-    "prompt_positions", "resolve_model_source", "text_config", "unwrap", "validate_placement",
+    "prompt_positions", "resolve_model_source", "text_config", "unwrap", "validate_placement", "mixed_precision",
 ]
 
 
@@ -682,3 +682,13 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Rotary positions of a left-padded batch as transformers' generate sets them: counted from each row's first real
     token (padding gets 0)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def mixed_precision(model):
+    """(autocast, gradient scaler) for training: on CUDA autocast in the model's dtype (a gradient scaler for fp16);
+    on the CPU both do nothing (the model computes in its own dtype)."""
+    dtype = unwrap(model).get_input_embeddings().weight.dtype
+    on_cuda = input_device(model).type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16, enabled=on_cuda,
+                              cache_enabled=False)
+    return autocast, torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)

@@ -26,7 +26,7 @@ __all__ = [  # the declared surface: what the script, the studies, the benchmark
     "environment", "finished_metrics", "load_or_build_dataset", "load_or_train_adapter", "model_slug", "peak_gpu_gib",
     "prepare_run_dir", "prepare_seeds_dir", "read_artifact", "read_finished_trials", "read_json_or_none", "read_jsonl",
     "record_environment", "require_complete", "reset_gpu_peaks", "run_dir_lock", "run_status", "synchronize_gpus",
-    "undone_on_refusal", "write_json", "write_jsonl",
+    "undone_on_refusal", "write_json", "write_jsonl", "to_dataset", "save_vectors", "load_vectors",
 ]
 
 
@@ -718,3 +718,28 @@ def load_or_train_adapter(model, path: Path, timer: Timer, stage: str, train, ma
     manifest.record_file(path.name)
     log.info("Trained %d optimizer steps; final loss %.4f; saved %s", len(losses), losses[-1]["loss"], path)
     return peft_model, losses
+
+
+def to_dataset(rows: list[dict]):
+    """A datasets.Dataset whose fingerprint is a hash of its rows (datasets would otherwise pickle the table)."""
+    import pyarrow as pa
+    from datasets import Dataset
+    return Dataset(pa.Table.from_pylist(rows), fingerprint=hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16])
+
+
+def save_vectors(path: Path, vectors: dict[str, torch.Tensor], baseline_mean: torch.Tensor, meta: dict) -> None:
+    """Concept vectors (in meta["concepts"] order), the baseline mean and their metadata as one safetensors file."""
+    from safetensors.torch import save_file
+    tensors = {"vectors": torch.stack([vectors[w] for w in meta["concepts"]]).contiguous(),
+               "baseline_mean": baseline_mean.contiguous()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+
+
+def load_vectors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """save_vectors' file: {concept: vector} and the metadata."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        stacked = f.get_tensor("vectors")
+    return {w: stacked[i] for i, w in enumerate(meta["concepts"])}, meta

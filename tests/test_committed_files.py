@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import introspection_experiment as ie
+import machinery
 from machinery import models, report, rundir
 from conftest import ROOT, benchmark_results, load_paper_tables
 
@@ -381,7 +382,7 @@ def test_notebook_is_valid_nbformat():
 
 def test_notebook_uses_only_the_scripts_flags():
     code = notebook_code()
-    options = {o for a in ie.build_parser()._actions for o in a.option_strings}
+    options = {o for a in machinery.config_parser(ie.Config, ie.__doc__)._actions for o in a.option_strings}
     used = {flag for cell in code for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", cell)} - {"--no-deps"}
     assert used and used <= options, f"flags the script does not have: {sorted(used - options)}"
     assert any("introspection_experiment.py {shlex.join(ARGS)}" in cell for cell in code)

@@ -20,7 +20,7 @@ def test_help_documents_every_config_field():
     out = subprocess.run([sys.executable, str(ROOT / "introspection_experiment.py"), "--help"], capture_output=True,
                          text=True, check=True).stdout
     for f in ie.dataclasses.fields(ie.Config):
-        assert ie.flag(f) + " " in out or ie.flag(f) + "\n" in out
+        assert machinery.flag(f) + " " in out or machinery.flag(f) + "\n" in out
 
 
 def test_default_model_falls_back_to_embedded_without_cuda(caplog):

@@ -46,7 +46,7 @@ def test_end_to_end_tiny_and_resume(tmp_path, caplog):
     assert set(use) == {"probe", "safety_adapter"} and use["safety_adapter"]["false_halt"]["n"] == 48
     assert "agreement_proceeding" in use["safety_adapter"]["no-injection"] and "agreement_proceeding" not in use["probe"]["safe"]
     assert "Safety in ordinary use" in (out / "results.md").read_text()
-    vectors, meta = ie.load_vectors(out / "vectors.safetensors")
+    vectors, meta = rundir.load_vectors(out / "vectors.safetensors")
     assert meta["layer"] == 2 and all(abs(float(v.norm()) - 1) < 1e-4 for v in vectors.values())
 
     adapter_mtime = (out / "adapter" / "adapter_config.json").stat().st_mtime

@@ -244,7 +244,7 @@ def test_training_rows_count_every_example_trained_on(tmp_path, tok):
     import introspection_experiment as ie
     ie.build_dataset(["fire", "ocean"], ["40"], 2, seed=0).save_to_disk(str(tmp_path / "dataset"))
     answers = [{"question": f"Question {i}?", "answer": "Yes.", "answer_ids": [5, 6, tok.eos_token_id]} for i in range(2)]
-    ie.to_dataset(answers).save_to_disk(str(tmp_path / "replay_answers"))
+    rundir.to_dataset(answers).save_to_disk(str(tmp_path / "replay_answers"))
     (tmp_path / "metrics.json").write_text(json.dumps({"concepts": {"train": ["fire", "ocean"]}}))
     cfg = ie.resolve_config(ie.Config(model="random:tiny", replay=3 / 8, continue_examples=2 / 8))  # of 8 examples
     examples = gb.trained_examples(tmp_path, cfg, tok, "train")

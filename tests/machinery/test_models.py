@@ -251,7 +251,7 @@ def test_the_flags_and_their_help():
     cfg = ie.config_from_args(["--device-map", "balanced", "--max-gpu-memory", "20GiB"])
     assert (cfg.device_map, cfg.max_gpu_memory) == ("balanced", "20GiB")
     assert (ie.Config().device_map, ie.Config().max_gpu_memory) == (None, None)
-    text = ie.build_parser().format_help()
+    text = machinery.config_parser(ie.Config, ie.__doc__).format_help()
     assert "--device-map" in text and "--max-gpu-memory" in text and "balanced_low_0" in text
 
 
