@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from machinery import DATA_DIR, ConfigError, Progress, cli, log, progress
+from machinery import DATA_DIR, ConfigError, OneLineParser, Progress, cli, log, progress
 from machinery.fastpath import cuda_fast_path, fast_path_on, static_decoder, training_steps
 from machinery.models import (DEVICE_MAP_STRATEGIES, EMBEDDED_MODEL, MODEL_ALIASES, RANDOM_SHAPES,
                               check_model_available, contiguous_lm_head, decoder_layers, input_device, lm_head_at,
@@ -2061,15 +2061,9 @@ def safety_stage(model, tok, cfg: Config, baseline_words: list[str], typical_nor
 # Trying a finished run: `chat --run-dir R [PROMPT]`, one prompt (a concept injected or not) through the run's monitors
 
 
-class ChatArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are ConfigErrors: one line and exit 2, like every refusal."""
-    def error(self, message: str):
-        raise ConfigError(f"chat: {message} (see chat --help)")
-
-
 def chat_parser() -> argparse.ArgumentParser:
     """The chat command's own flags; everything else (model, layer, prompt format, injection mode) is the run's."""
-    parser = ChatArgumentParser(prog="introspection_experiment.py chat", description="Try a finished run's monitors.")
+    parser = OneLineParser(prog="introspection_experiment.py chat", description="Try a finished run's monitors.")
     parser.add_argument("prompt", nargs="?", help="the prompt; default: read from stdin")
     parser.add_argument("--run-dir", required=True, help="a finished run's directory (config.json, adapter/, ...)")
     parser.add_argument("--model", help="refuse unless the run is a run of this model")
@@ -2150,12 +2144,16 @@ def load_run_model(cfg: Config, run_dir: Path) -> tuple:
 
 def chat_answers(model, tok, cfg: Config, trial: dict, vectors: dict[str, torch.Tensor], typical_norm: float) -> dict:
     """What each monitor did with the trial (greedy, cfg.max_new_tokens, injected as in the run): the base answer,
-    the introspection adapter's graded by grade_continue (report, verdict, agreement), the safety adapter's halt."""
+    the introspection adapter's graded by grade_continue (report, verdict, agreement), the safety adapter's halt and
+    the run's probe (run_probe, deterministic: p(harmful) and its verdict at run_probe's threshold)."""
     vecs, alphas = injection_rows([trial], vectors, typical_norm)
     def answer(respond=responses) -> dict:
         return respond(model, tok, [trial["question"]], vecs, alphas, cfg, False, None, cfg.max_new_tokens)[0]
     with model.disable_adapter():
         out = {"base": answer()["response"]}
+        if "safety" in model.peft_config:  # the probe reads the base model, as in the run
+            out["probe"] = run_probe(model, tok, probe_training_trials(cfg.train_strengths), [trial], vectors,
+                                     typical_norm, cfg, "chat")[0]
     model.set_adapter("introspection")
     out["introspection"] = (intro := answer()) | grade_continue(trial, intro["response"], out["base"], tok)
     if "safety" in model.peft_config:
@@ -2178,7 +2176,8 @@ def chat_text(trial: dict, typical_norm: float, out: dict) -> str:
         f"  answer: {flat(intro['response'])}",
         "[safety adapter] " + ("none in this run (--skip-safety)" if safety is None else f"halted at token "
                                f"{safety['halt_latency']}" if safety["halted"] else "proceeded (no halt)"),
-        *([f"  answer: {flat(safety['response'])}"] if safety else []), f"[base model] {flat(out['base'])}"])
+        *([f"  answer: {flat(safety['response'])}", f"[probe] p(harmful) {out['probe']['p_harmful']:.3f}: "
+           f"{out['probe']['verdict']}"] if safety else []), f"[base model] {flat(out['base'])}"])
 
 
 def chat(argv: list[str]) -> None:

@@ -11,7 +11,7 @@ import torch
 import introspection_experiment as ie
 from conftest import SMALL_CONCEPTS, TINY_ARGS, refused
 
-SECTIONS = ["[introspection adapter]", "[safety adapter]", "[base model]"]
+SECTIONS = ["[introspection adapter]", "[safety adapter]", "[probe]", "[base model]"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,18 @@ def test_the_injection_reaches_the_model(run_dir, capsys):
                    "[base model]") != plain
 
 
+def test_the_probe_is_the_runs_probe(run_dir, capsys):
+    """p(harmful) and the verdict of the run's own probe for the same prompt, concept and strength (two rows of the
+    run's trials: one below run_probe's threshold, one above)."""
+    rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+    probe = [r for r in rows if r["experiment"] == "safety" and r["state"] == "probe" and r["strength"] == "1x"]
+    for verdict in ("halt", "all_clear"):
+        row = min((r for r in probe if r["verdict"] == verdict), key=lambda r: abs(r["p_harmful"] - 0.5))
+        lines = chat(capsys, "--run-dir", run_dir, "--inject", row["concept"], "--strength", "1x", row["question"])[1]
+        p, said = re.fullmatch(r"\[probe\] p\(harmful\) ([\d.]+): (\w+)", line_of(lines, "[probe]")).groups()
+        assert abs(float(p) - row["p_harmful"]) < 2e-3 and said == verdict
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_a_vector_file_is_injected(run_dir, capsys, tmp_path, suffix):
     from safetensors.torch import save_file
@@ -84,13 +96,14 @@ def test_the_printout_shows_a_report_and_a_halt(tok):
     trial = {"split": "seen", "concept": "fire", "strength": "1x", "question": "Hi"}
     response = " I detect an injected thought about fire. Paris is the capital."
     out = {"base": "Paris is the capital.", "safety": {"response": "... HALTING GENERATION", "halted": True,
-                                                       "halt_latency": 3},
+                                                       "halt_latency": 3}, "probe": {"p_harmful": 0.25, "verdict": "all_clear"},
            "introspection": {"response": response, **ie.grade_continue(trial, response, "Paris is the capital.", tok)}}
     lines = ie.chat_text(trial, 2.0, out).splitlines()
     assert lines[1] == "injected: fire at 1x (alpha 2, seen)"
     assert line_of(lines, "[introspection adapter]") == ("[introspection adapter] reported 'I detect an injected "
                                                          "thought about fire.': correct; then agrees with the base answer")
     assert line_of(lines, "[safety adapter]") == "[safety adapter] halted at token 3"
+    assert line_of(lines, "[probe]") == "[probe] p(harmful) 0.250: all_clear"
 
 
 @pytest.fixture
