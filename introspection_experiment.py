@@ -61,7 +61,7 @@ from machinery.rundir import (CONFIG_FILE, Manifest, RunState, Timer, atomic_pat
                               prepare_seeds_dir, record_environment, run_dir_lock, run_status, save_vectors,
                               to_dataset, undone_on_refusal, write_json)
 
-__all__ = [  # the declared surface: what the studies, the benchmark, paper/tables.py and the notebook may use
+__all__ = [  # the declared surface: what chat.py, the studies, the benchmark, paper/tables.py and the notebook use
     "TRAIN_CONCEPTS", "HELDOUT_CONCEPTS", "BASELINE_WORDS", "DETECTION_QUESTIONS", "POSITIVE_COMPLETION",
     "NEGATIVE_COMPLETION", "SAFETY_CATEGORIES", "CAPABILITY_TOKENS", "PAPER_MODEL", "LORA_TARGETS", "RECIPES",
     "ordinary_prompts", "exact_answers", "Config", "config_from_args", "resolve_config", "parse_strength", "injection",
@@ -69,7 +69,7 @@ __all__ = [  # the declared surface: what the studies, the benchmark, paper/tabl
     "build_dataset", "training_set", "replay_and_continue_rows", "build_trials", "run_trials", "grade", "summarize",
     "rate", "select", "wilson", "yates_chi2", "tokenize_examples", "train_lora", "measure_capability",
     "capability_summary", "answer_kl", "agree", "generate_with_halt", "safety_stage", "run", "run_seeds", "headline",
-    "main",
+    "main", "resolve_alpha", "injection_rows", "responses", "run_probe", "probe_training_trials", "grade_continue",
 ]
 
 
@@ -615,8 +615,6 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
     return ids, mask
-
-
 
 
 def _hidden_from(args, kwargs) -> torch.Tensor:
@@ -2387,6 +2385,7 @@ def mean_and_sd(values: dict[str, float | None]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: the pipeline, one flag per Config field (chat.py tries a finished run)."""
     def action():
         cfg = config_from_args(argv)
         if cfg.seeds:

@@ -20,7 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 __all__ = [  # the declared surface: what the script, the studies, the benchmark and paper/tables.py use
-    "ConfigError", "DATA_DIR", "Progress", "cli", "log", "progress", "read_input_file", "setup_logging",
+    "ConfigError", "DATA_DIR", "OneLineParser", "Progress", "cli", "config_parser", "flag", "log", "progress",
+    "read_input_file", "setup_logging",
 ]
 
 
@@ -29,6 +30,14 @@ log = logging.getLogger("introspection")
 
 class ConfigError(Exception):
     """Bad input: reported as one line and a non-zero exit, never a traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown flag, a missing or malformed value) are ConfigErrors, so that `cli`
+    reports them like every refusal: one line and exit 2."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
 class Progress:

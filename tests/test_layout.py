@@ -12,7 +12,7 @@ from conftest import ROOT
 SCRIPT = ROOT / "introspection_experiment.py"
 MACHINERY = sorted((ROOT / "machinery").glob("*.py"))
 USERS = [*sorted((ROOT / "studies").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
-         ROOT / "paper" / "tables.py"]
+         ROOT / "paper" / "tables.py", ROOT / "chat.py"]
 MODULES = {"ie": "introspection_experiment", "machinery": "machinery", "rundir": "machinery.rundir",
            "models": "machinery.models", "fastpath": "machinery.fastpath", "report": "machinery.report"}
 
@@ -107,3 +107,12 @@ def test_every_declared_name_exists():
         mod = importlib.import_module(module)
         assert [n for n in mod.__all__ if not hasattr(mod, n)] == [], module
     assert "run" in ie.__all__ and "injection" in ie.__all__
+
+
+def test_the_script_never_imports_its_users():
+    """chat.py, the studies, the benchmark and the paper tables use the script; the script uses none of them."""
+    imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(SCRIPT.read_text()))
+                for a in (node.names if isinstance(node, ast.Import) else [])}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(SCRIPT.read_text()))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {p.stem for p in USERS}
