@@ -81,6 +81,20 @@ def concepts_file(tmp_path, concepts=SMALL_CONCEPTS):
     return str(path)
 
 
+def encode_batch(tok, questions, extra=()):
+    """The paper-format prompts (+ `extra` tokens each) as token lists and a left-padded batch (ids, mask)."""
+    seqs = [ie.question_ids(q, tok, "paper") + list(extra) for q in questions]
+    ids, mask = ie.pad_left(seqs, tok.pad_token_id)
+    return seqs, ids, mask
+
+
+def residual(model, ids, mask, layer=2):
+    """The residual stream entering block `layer` (capture_residual) in one forward pass of the batch."""
+    with torch.no_grad(), ie.capture_residual(model, layer) as captured:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return captured[0]
+
+
 def tiny_args(folder: Path, out: Path) -> list[str]:
     """The tiny run without the safety stage: its flags with its concepts file in `folder` (written if missing) and
     run directory `out`."""

@@ -7,21 +7,9 @@ import torch
 
 import introspection_experiment as ie
 from machinery import report, rundir
-from conftest import SMALL_CONCEPTS, refused, run_main, tiny_args
+from conftest import SMALL_CONCEPTS, encode_batch, refused, residual, run_main, tiny_args
 
 LAYER = 2
-
-
-def encode_batch(tok, questions, extra=()):
-    seqs = [ie.question_ids(q, tok, "paper") + list(extra) for q in questions]
-    ids, mask = ie.pad_left(seqs, tok.pad_token_id)
-    return seqs, ids, mask
-
-
-def residual(model, ids, mask, layer=LAYER):
-    with torch.no_grad(), ie.capture_residual(model, layer) as captured:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return captured[0]
 
 
 def test_prompt_mode_equals_a_manual_edit_at_every_real_prompt_position(tiny, tok):

@@ -4,21 +4,10 @@ import torch
 
 import introspection_experiment as ie
 from machinery import models, rundir
+from conftest import encode_batch, residual
 
 
 LAYER = 2
-
-
-def encode_batch(tok, questions):
-    seqs = [ie.encode(ie.format_prompt(q, tok, "paper"), tok, "paper") for q in questions]
-    ids, mask = ie.pad_left(seqs, tok.pad_token_id)
-    return seqs, ids, mask
-
-
-def residual(model, ids, mask, layer=LAYER):
-    with torch.no_grad(), ie.capture_residual(model, layer) as captured:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return captured[0]
 
 
 def test_capture_point_is_hidden_states_L(tiny, tok):
