@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-import chat
+import chat as chat_py
 import introspection_experiment as ie
 from conftest import SMALL_CONCEPTS, TINY_ARGS, refused
 
@@ -17,7 +17,7 @@ SECTIONS = ["[introspection adapter]", "[safety adapter]", "[probe]", "[base mod
 
 def refused_chat(args, caplog, *words) -> bool:
     """refused() for chat.py's command line."""
-    return refused(args, caplog, *words, main=chat.main)
+    return refused(args, caplog, *words, main=chat_py.main)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def run_dir(tmp_path_factory):
 def chat(capsys, *args) -> tuple[int, list[str]]:
     """The exit code and the printed lines of `chat ARGS` (6 tokens per answer)."""
     capsys.readouterr()
-    code = chat.main([*map(str, args), "--max-new-tokens", "6"])
+    code = chat_py.main([*map(str, args), "--max-new-tokens", "6"])
     return code, capsys.readouterr().out.splitlines()
 
 
@@ -104,7 +104,7 @@ def test_the_printout_shows_a_report_and_a_halt(tok):
     out = {"base": "Paris is the capital.", "safety": {"response": "... HALTING GENERATION", "halted": True,
                                                        "halt_latency": 3}, "probe": {"p_harmful": 0.25, "verdict": "all_clear"},
            "introspection": {"response": response, **ie.grade_continue(trial, response, "Paris is the capital.", tok)}}
-    lines = chat.chat_text(trial, 2.0, out).splitlines()
+    lines = chat_py.chat_text(trial, 2.0, out).splitlines()
     assert lines[1] == "injected: fire at 1x (alpha 2, seen)"
     assert line_of(lines, "[introspection adapter]") == ("[introspection adapter] reported 'I detect an injected "
                                                          "thought about fire.': correct; then agrees with the base answer")
